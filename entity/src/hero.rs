@@ -1,0 +1,34 @@
+//! The seed's `Hero`: the `hero` table and, through `JsonSchema`, the schema the model is
+//! sent. `id` is server-owned: hidden from the schema (`schemars(skip)`), ignored if the
+//! model sends one anyway (`skip_deserializing`), and filled by `Uuid::new_v4`.
+
+use sea_orm::entity::prelude::*;
+use serde::{Deserialize, Serialize};
+
+// No doc comment on `Model` or its fields: schemars would turn it into a `description`,
+// and the schema must equal the seed's.
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, Deserialize, schemars::JsonSchema)]
+#[sea_orm(table_name = "hero")]
+#[schemars(rename = "Hero", transform = crate::schema::pydantic_style)]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    #[serde(skip_deserializing, default = "Uuid::new_v4")]
+    #[schemars(skip)]
+    pub id: Uuid,
+    #[sea_orm(column_type = "Text")]
+    pub name: String,
+    #[sea_orm(column_type = "Text")]
+    pub secret_name: String,
+    pub age: Option<i32>,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}
+
+impl crate::Generate for Model {
+    fn record_id(&self) -> Uuid {
+        self.id
+    }
+}

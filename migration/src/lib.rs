@@ -1,0 +1,21 @@
+//! Schema migrations of instructd, applied by `instructd migrate` (and by `instructd run`
+//! when `database.migrate_on_start` is true). Adding an entity adds one migration here.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261124_000001_create_hero;
+mod m20261124_000002_create_generation_job;
+mod m20261124_000003_create_event_outbox;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261124_000001_create_hero::Migration),
+            Box::new(m20261124_000002_create_generation_job::Migration),
+            Box::new(m20261124_000003_create_event_outbox::Migration),
+        ]
+    }
+}

@@ -1,0 +1,120 @@
+//! Publishing with publisher confirms. A publish succeeds only when the broker confirmed
+//! it; a nack, or a mandatory message returned as unroutable, is an error.
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+
+use crate::store::OutboxEvent;
+
+/// Header that carries why a message was dead-lettered.
+pub const ERROR_HEADER: &str = "x-instructd-error";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("the broker could not take the message: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker nacked the message")]
+    Nacked,
+    #[error("the message could not be routed: {0}")]
+    Returned(String),
+}
+
+/// A confirm-mode channel on the publishing connection. Cheap to clone; safe to share.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+    events_exchange: String,
+    dead_letter_queue: String,
+}
+
+impl Publisher {
+    /// Opens a channel in confirm mode.
+    pub async fn open(connection: &Connection, events_exchange: &str, dead_letter_queue: &str) -> lapin::Result<Self> {
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Self {
+            channel,
+            events_exchange: events_exchange.to_owned(),
+            dead_letter_queue: dead_letter_queue.to_owned(),
+        })
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// Publishes a completion event to the events exchange and, when the request had a
+    /// `reply_to`, to that queue; returns once the broker confirmed the exchange copy.
+    pub async fn publish_event(&self, event: &OutboxEvent) -> Result<(), PublishError> {
+        let properties = json_properties()
+            .with_correlation_id(short(&event.correlation_id))
+            .with_message_id(short(&event.event_id.to_string()));
+        self.publish(&self.events_exchange, &event.routing_key, false, &event.payload, properties.clone()).await?;
+        if let Some(reply_to) = &event.reply_to {
+            // The requester's reply queue may be gone (it gave up waiting); that does not
+            // make the event undelivered, so this copy is not mandatory.
+            self.publish("", reply_to, false, &event.payload, properties).await?;
+        }
+        Ok(())
+    }
+
+    /// Copies a request that can never succeed to the dead-letter queue, with the reason
+    /// in `x-instructd-error` and the original properties and headers kept. Returns once
+    /// the broker confirmed the copy is in the queue.
+    pub async fn dead_letter(&self, body: &[u8], original: &BasicProperties, reason: &str) -> Result<(), PublishError> {
+        let mut headers = original.headers().clone().unwrap_or_default();
+        headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(LongString::from(reason)));
+        let properties = original.clone().with_headers(headers).with_delivery_mode(2);
+        self.publish("", &self.dead_letter_queue, true, body, properties).await
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                short(routing_key),
+                BasicPublishOptions { mandatory, ..Default::default() },
+                body,
+                properties,
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(returned)) => Err(PublishError::Returned(returned.reply_text.to_string())),
+            Confirmation::Nack(_) => Err(PublishError::Nacked),
+        }
+    }
+}
+
+/// Properties of a persistent JSON message.
+pub fn json_properties() -> BasicProperties {
+    BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2)
+}
+
+/// An AMQP short string, truncated to the protocol's 255 bytes (on a char boundary).
+pub fn short(value: &str) -> ShortString {
+    let mut end = value.len().min(255);
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    ShortString::from(&value[..end])
+}
+
+/// The first header of a delivery's table as text, if it is a string.
+pub fn header_text(headers: &Option<FieldTable>, name: &str) -> Option<String> {
+    match headers.as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}

@@ -1,0 +1,316 @@
+//! Typed, layered configuration: `config/default.toml` (compiled in) → an optional file →
+//! `INSTRUCTD__SECTION__KEY` environment variables. A wrong value stops start-up with an
+//! error that names the key. Secrets are `SecretString`s and are redacted whenever the
+//! settings are printed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use config::{Config, Environment, File, FileFormat};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// The defaults, compiled into the binary so that it runs without the repository.
+pub const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// The environment variable that names a configuration file (same as `--config`).
+pub const CONFIG_FILE_ENV: &str = "INSTRUCTD_CONFIG";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub broker: BrokerSettings,
+    pub database: DatabaseSettings,
+    pub llm: LlmSettings,
+    pub worker: WorkerSettings,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSettings {
+    #[serde(serialize_with = "redact_url")]
+    pub url: SecretString,
+    pub request_queue: String,
+    pub events_exchange: String,
+    pub dead_letter_queue: String,
+    pub delivery_limit: u32,
+    pub connect_timeout_secs: u64,
+    pub reconnect_max_delay_secs: u64,
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    #[serde(serialize_with = "redact_url")]
+    pub url: SecretString,
+    pub max_connections: u32,
+    pub connect_timeout_secs: u64,
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlmMode {
+    /// The schema as a function tool named after its title, forced with `tool_choice`.
+    Tools,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmSettings {
+    pub base_url: String,
+    #[serde(serialize_with = "redact_secret")]
+    pub api_key: SecretString,
+    pub model: String,
+    pub mode: LlmMode,
+    pub default_max_retries: u32,
+    pub max_retries: u32,
+    pub request_timeout_secs: u64,
+    pub transport_max_attempts: u32,
+    pub transport_min_delay_ms: u64,
+    pub transport_max_delay_secs: u64,
+    pub transport_max_elapsed_secs: u64,
+    pub job_timeout_secs: u64,
+    pub max_tokens: u32,
+    pub temperature: f32,
+}
+
+impl LlmSettings {
+    /// The API key, if one is configured (an empty string means none).
+    pub fn api_key(&self) -> Option<&str> {
+        Some(self.api_key.expose_secret()).filter(|key| !key.is_empty())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    pub concurrency: u16,
+    pub shutdown_grace_secs: u64,
+    pub job_lease_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Settings {
+    /// Loads the settings from the defaults, the file named by `file` (or by
+    /// `INSTRUCTD_CONFIG`), and the process environment.
+    ///
+    /// Fails with a message naming the offending key when a value is missing, has the
+    /// wrong type, or is out of range.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        Self::load_from(file, std::env::vars().collect())
+    }
+
+    /// Like [`Settings::load`], with the environment given as a map (tests use this).
+    pub fn load_from(file: Option<&Path>, env: HashMap<String, String>) -> anyhow::Result<Self> {
+        let file: Option<PathBuf> = file
+            .map(Path::to_path_buf)
+            .or_else(|| env.get(CONFIG_FILE_ENV).filter(|p| !p.is_empty()).map(PathBuf::from));
+        let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        if let Some(path) = &file {
+            if !path.is_file() {
+                bail!("configuration file {} does not exist", path.display());
+            }
+            builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml));
+        }
+        let openai_api_key = env.get("OPENAI_API_KEY").cloned();
+        let environment = Environment::with_prefix("INSTRUCTD")
+            .prefix_separator("__")
+            .separator("__")
+            .source(Some(env.into_iter().collect()));
+        let mut settings: Settings = builder
+            .add_source(environment)
+            .build()
+            .and_then(Config::try_deserialize)
+            .context("invalid configuration")?;
+        if settings.llm.api_key().is_none()
+            && let Some(key) = openai_api_key.filter(|k| !k.is_empty())
+        {
+            settings.llm.api_key = SecretString::from(key);
+        }
+        settings.validate().context("invalid configuration")?;
+        Ok(settings)
+    }
+
+    /// Range and consistency checks that types cannot express; each error names its key.
+    fn validate(&self) -> anyhow::Result<()> {
+        fn ensure(ok: bool, key: &str, why: &str) -> anyhow::Result<()> {
+            if ok { Ok(()) } else { bail!("{key}: {why}") }
+        }
+        check_url(&self.broker.url, "broker.url", &["amqp", "amqps"])?;
+        check_url(&self.database.url, "database.url", &["postgres", "postgresql"])?;
+        let base = url::Url::parse(&self.llm.base_url).map_err(|e| anyhow::anyhow!("llm.base_url: not a URL ({e})"))?;
+        ensure(matches!(base.scheme(), "http" | "https"), "llm.base_url", "must be an http:// or https:// URL")?;
+        for (key, name) in [
+            ("broker.request_queue", &self.broker.request_queue),
+            ("broker.events_exchange", &self.broker.events_exchange),
+            ("broker.dead_letter_queue", &self.broker.dead_letter_queue),
+            ("llm.model", &self.llm.model),
+        ] {
+            ensure(!name.trim().is_empty(), key, "must not be empty")?;
+        }
+        ensure(self.broker.delivery_limit >= 1, "broker.delivery_limit", "must be at least 1")?;
+        ensure(self.broker.max_message_bytes >= 1024, "broker.max_message_bytes", "must be at least 1024")?;
+        ensure(self.database.max_connections >= 1, "database.max_connections", "must be at least 1")?;
+        ensure(self.worker.concurrency >= 1, "worker.concurrency", "must be at least 1")?;
+        ensure(self.llm.request_timeout_secs >= 1, "llm.request_timeout_secs", "must be at least 1")?;
+        ensure(self.llm.transport_max_attempts >= 1, "llm.transport_max_attempts", "must be at least 1")?;
+        ensure(
+            self.llm.default_max_retries <= self.llm.max_retries,
+            "llm.default_max_retries",
+            "must not exceed llm.max_retries",
+        )?;
+        ensure(
+            self.llm.job_timeout_secs >= self.llm.request_timeout_secs,
+            "llm.job_timeout_secs",
+            "must be at least llm.request_timeout_secs",
+        )?;
+        ensure(
+            self.worker.job_lease_secs > self.llm.job_timeout_secs,
+            "worker.job_lease_secs",
+            "must exceed llm.job_timeout_secs, or a live job could be taken over",
+        )?;
+        ensure((0.0..=2.0).contains(&self.llm.temperature), "llm.temperature", "must be between 0 and 2")?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| anyhow::anyhow!("log.level: not a valid filter ({e})"))?;
+        Ok(())
+    }
+
+    /// The effective settings as TOML, with every secret redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string(self).expect("settings serialize to TOML")
+    }
+}
+
+fn check_url(url: &SecretString, key: &str, schemes: &[&str]) -> anyhow::Result<()> {
+    // The parse error is safe to show: url's errors never echo the input.
+    let parsed = url::Url::parse(url.expose_secret()).map_err(|e| anyhow::anyhow!("{key}: not a URL ({e})"))?;
+    if !schemes.contains(&parsed.scheme()) {
+        bail!("{key}: scheme must be one of {}", schemes.join(", "));
+    }
+    Ok(())
+}
+
+/// A URL with its password (if any) replaced by `***`, safe to log.
+pub fn redacted_url(url: &SecretString) -> String {
+    match url::Url::parse(url.expose_secret()) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "[unparseable URL redacted]".to_owned(),
+    }
+}
+
+fn redact_url<S: Serializer>(url: &SecretString, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&redacted_url(url))
+}
+
+fn redact_secret<S: Serializer>(secret: &SecretString, serializer: S) -> Result<S::Ok, S::Error> {
+    let shown = if secret.expose_secret().is_empty() { "" } else { "[redacted]" };
+    serializer.serialize_str(shown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let settings = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(settings.broker.request_queue, "instructd.requests");
+        assert_eq!(settings.worker.concurrency, 8);
+        assert!(settings.llm.api_key().is_none());
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        let settings = Settings::load_from(
+            None,
+            env(&[("INSTRUCTD__WORKER__CONCURRENCY", "3"), ("INSTRUCTD__LLM__MODEL", "local")]),
+        )
+        .unwrap();
+        assert_eq!(settings.worker.concurrency, 3);
+        assert_eq!(settings.llm.model, "local");
+    }
+
+    #[test]
+    fn openai_api_key_is_a_fallback_for_the_configured_key() {
+        let fallback = Settings::load_from(None, env(&[("OPENAI_API_KEY", "sk-fallback")])).unwrap();
+        assert_eq!(fallback.llm.api_key(), Some("sk-fallback"));
+        let explicit = Settings::load_from(
+            None,
+            env(&[("OPENAI_API_KEY", "sk-fallback"), ("INSTRUCTD__LLM__API_KEY", "sk-explicit")]),
+        )
+        .unwrap();
+        assert_eq!(explicit.llm.api_key(), Some("sk-explicit"));
+    }
+
+    #[test]
+    fn a_wrong_value_names_its_key() {
+        let err = Settings::load_from(None, env(&[("INSTRUCTD__WORKER__CONCURRENCY", "many")])).unwrap_err();
+        assert!(format!("{err:#}").contains("worker.concurrency"), "{err:#}");
+        let err = Settings::load_from(None, env(&[("INSTRUCTD__WORKER__CONCURRENCY", "0")])).unwrap_err();
+        assert!(format!("{err:#}").contains("worker.concurrency"), "{err:#}");
+        let err = Settings::load_from(None, env(&[("INSTRUCTD__LOG__FORMAT", "xml")])).unwrap_err();
+        assert!(format!("{err:#}").contains("log.format"), "{err:#}");
+        let err = Settings::load_from(None, env(&[("INSTRUCTD__BROKER__URL", "http://x")])).unwrap_err();
+        assert!(format!("{err:#}").contains("broker.url"), "{err:#}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_rejected_by_name() {
+        let err = Settings::load_from(None, env(&[("INSTRUCTD__WORKER__CONCURRENCYY", "2")])).unwrap_err();
+        assert!(format!("{err:#}").contains("concurrencyy"), "{err:#}");
+    }
+
+    #[test]
+    fn printed_settings_never_show_secrets() {
+        let settings = Settings::load_from(
+            None,
+            env(&[
+                ("INSTRUCTD__LLM__API_KEY", "sk-very-secret"),
+                ("INSTRUCTD__DATABASE__URL", "postgres://app:hunter2@db:5432/app"),
+                ("INSTRUCTD__BROKER__URL", "amqp://app:tr0ub4dor@mq:5672/%2f"),
+            ]),
+        )
+        .unwrap();
+        let printed = settings.to_redacted_toml();
+        for secret in ["sk-very-secret", "hunter2", "tr0ub4dor"] {
+            assert!(!printed.contains(secret), "{secret} leaked:\n{printed}");
+            assert!(!format!("{settings:?}").contains(secret), "{secret} leaked through Debug");
+        }
+        assert!(printed.contains("postgres://app:***@db:5432/app"), "{printed}");
+        assert!(printed.contains("[redacted]"), "{printed}");
+    }
+}

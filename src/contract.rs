@@ -1,0 +1,123 @@
+//! The message contract other services depend on (see the README's "Contract"): the
+//! generation request consumed from `instructd.requests` and the completion event
+//! published to `instructd.events`. Names and shapes here are public API.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// A generation request as it arrives on the request queue.
+///
+/// Unknown fields are ignored so that newer publishers can talk to older workers.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct GenerationRequest {
+    /// The idempotency key. Absent: the AMQP `message_id` if it is a UUID, else assigned.
+    #[serde(default)]
+    pub job_id: Option<Uuid>,
+    pub entity: String,
+    pub messages: Vec<ChatMessage>,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+    #[serde(default)]
+    pub metadata: Option<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Succeeded,
+    Failed,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+        }
+    }
+}
+
+/// Why a job failed: the `error.kind` of a failed event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request can never succeed (bad shape, unknown entity, empty messages).
+    InvalidRequest,
+    /// The model's answers kept failing validation until the re-asks ran out.
+    Validation,
+    /// The model declined to answer.
+    Refused,
+    /// The provider kept failing or rejected the call.
+    Llm,
+    /// A fault of instructd or its database that retrying will not fix.
+    Internal,
+}
+
+/// The `error` object of a failed event.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct JobError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl JobError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+}
+
+/// Tokens spent by a job, summed over every call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl std::ops::AddAssign for Usage {
+    fn add_assign(&mut self, other: Self) {
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.total_tokens += other.total_tokens;
+    }
+}
+
+/// The completion event published to `instructd.events` as `job.<status>.<entity>`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct CompletionEvent {
+    pub event_id: Uuid,
+    pub job_id: Uuid,
+    pub status: JobStatus,
+    pub entity: String,
+    pub record: Option<Value>,
+    pub attempts: u32,
+    pub usage: Usage,
+    pub error: Option<JobError>,
+    pub metadata: Value,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// The entity segment of a routing key: the entity's name when it is one instructd knows,
+/// `unknown` otherwise (so that a hostile name cannot inject `#` or `.` into a binding).
+pub fn routing_key(status: JobStatus, entity: Option<&str>) -> String {
+    format!("job.{}.{}", status.as_str(), entity.unwrap_or("unknown"))
+}

@@ -1,0 +1,151 @@
+//! Turning a delivery into a job, or into the reason it can never become one. Parse,
+//! don't validate: everything the rest of the job's life relies on is checked here once.
+
+use std::sync::Arc;
+
+use lapin::BasicProperties;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::config::Settings;
+use crate::contract::GenerationRequest;
+use crate::entities::{EntityKind, Registry};
+use crate::store::JobRecord;
+
+/// A request that passed every check.
+pub struct Job {
+    pub id: Uuid,
+    pub kind: Arc<dyn EntityKind>,
+    pub request: GenerationRequest,
+    /// The request as received, kept on the job row.
+    pub raw: Value,
+    pub metadata: Value,
+    pub model: String,
+    pub max_retries: u32,
+    pub correlation_id: String,
+    pub reply_to: Option<String>,
+}
+
+/// A message that can never succeed, with what could still be read of it.
+pub struct Rejection {
+    pub reason: String,
+    /// Read from the body or `message_id`, else assigned.
+    pub job_id: Uuid,
+    /// The entity as named, or `unknown`.
+    pub entity: String,
+    /// The registered entity's name, if the named one exists.
+    pub routing_entity: Option<&'static str>,
+    pub raw: Value,
+    pub metadata: Value,
+    pub correlation_id: String,
+    pub reply_to: Option<String>,
+}
+
+impl Job {
+    pub fn record(&self) -> JobRecord<'_> {
+        JobRecord {
+            job_id: self.id,
+            entity: self.kind.name(),
+            routing_entity: Some(self.kind.name()),
+            request: &self.raw,
+            metadata: &self.metadata,
+            correlation_id: &self.correlation_id,
+            reply_to: self.reply_to.as_deref(),
+        }
+    }
+}
+
+impl Rejection {
+    pub fn record(&self) -> JobRecord<'_> {
+        JobRecord {
+            job_id: self.job_id,
+            entity: &self.entity,
+            routing_entity: self.routing_entity,
+            request: &self.raw,
+            metadata: &self.metadata,
+            correlation_id: &self.correlation_id,
+            reply_to: self.reply_to.as_deref(),
+        }
+    }
+}
+
+/// Decodes a request body and its AMQP properties into a [`Job`].
+pub fn decode(
+    body: &[u8],
+    properties: &BasicProperties,
+    registry: &Registry,
+    settings: &Settings,
+) -> Result<Job, Box<Rejection>> {
+    let message_id = properties.message_id().as_ref().and_then(|id| Uuid::parse_str(id.as_str()).ok());
+    let correlation = properties.correlation_id().as_ref().map(|c| c.as_str().to_owned());
+    let reply_to = properties.reply_to().as_ref().map(|r| r.as_str().to_owned()).filter(|r| !r.is_empty());
+    let mut rejection = Rejection {
+        reason: String::new(),
+        job_id: message_id.unwrap_or_else(Uuid::new_v4),
+        entity: "unknown".to_owned(),
+        routing_entity: None,
+        raw: Value::Null,
+        metadata: Value::Null,
+        correlation_id: String::new(),
+        reply_to: reply_to.clone(),
+    };
+    let reject = |mut rejection: Rejection, reason: String| {
+        rejection.correlation_id = correlation.clone().unwrap_or_else(|| rejection.job_id.to_string());
+        rejection.reason = reason;
+        Err(Box::new(rejection))
+    };
+
+    if body.len() > settings.broker.max_message_bytes {
+        let reason = format!(
+            "the message is {} bytes, over broker.max_message_bytes ({})",
+            body.len(),
+            settings.broker.max_message_bytes
+        );
+        return reject(rejection, reason);
+    }
+    let raw: Value = match serde_json::from_slice(body) {
+        Ok(value) => value,
+        Err(e) => return reject(rejection, format!("the body is not JSON: {e}")),
+    };
+    rejection.raw = raw.clone();
+    rejection.metadata = raw.get("metadata").cloned().unwrap_or(Value::Null);
+    if let Some(entity) = raw.get("entity").and_then(Value::as_str) {
+        rejection.entity = entity.to_owned();
+        rejection.routing_entity = registry.get(entity).map(|kind| kind.name());
+    }
+    match raw.get("job_id") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(id)) if Uuid::parse_str(id).is_ok() => rejection.job_id = Uuid::parse_str(id).unwrap(),
+        Some(other) => return reject(rejection, format!("job_id: {other} is not a UUID")),
+    }
+    let request: GenerationRequest = match serde_path_to_error::deserialize(&raw) {
+        Ok(request) => request,
+        Err(e) => return reject(rejection, format!("not a generation request: {} at {}", e.inner(), e.path())),
+    };
+    let Some(kind) = registry.get(&request.entity).cloned() else {
+        let known = registry.names().collect::<Vec<_>>().join(", ");
+        let reason = format!("unknown entity `{}` (known: {known})", request.entity);
+        return reject(rejection, reason);
+    };
+    if request.messages.is_empty() {
+        return reject(rejection, "messages: must not be empty".to_owned());
+    }
+    if let Some(model) = &request.model
+        && model.trim().is_empty()
+    {
+        return reject(rejection, "model: must not be empty when given".to_owned());
+    }
+    let job_id = rejection.job_id;
+    Ok(Job {
+        id: job_id,
+        kind,
+        model: request.model.clone().unwrap_or_else(|| settings.llm.model.clone()),
+        // The request may ask for fewer re-asks than the cap, never more.
+        max_retries: request.max_retries.unwrap_or(settings.llm.default_max_retries).min(settings.llm.max_retries),
+        metadata: request.metadata.clone().unwrap_or(Value::Null),
+        correlation_id: correlation.unwrap_or_else(|| job_id.to_string()),
+        reply_to,
+        raw,
+        request,
+    })
+}

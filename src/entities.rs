@@ -1,0 +1,202 @@
+//! The registry of entities a request may name. Adding an entity is one line in
+//! [`Registry::builtin`] (plus its entity file and migration).
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use entity::Generate;
+use futures_util::future::BoxFuture;
+use sea_orm::{DatabaseTransaction, DbErr, EntityTrait, IntoActiveModel};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// The entities instructd can generate, by the name requests use.
+#[derive(Clone)]
+pub struct Registry {
+    kinds: BTreeMap<&'static str, Arc<dyn EntityKind>>,
+}
+
+impl Registry {
+    /// Every entity this build of instructd knows.
+    pub fn builtin() -> Self {
+        Self { kinds: BTreeMap::new() }.with::<entity::hero::Entity>("hero")
+    }
+
+    /// Registers the SeaORM entity `E` under `name`.
+    pub fn with<E>(mut self, name: &'static str) -> Self
+    where
+        E: EntityTrait,
+        E::Model: Generate + IntoActiveModel<E::ActiveModel>,
+        E::ActiveModel: Send,
+    {
+        self.kinds.insert(name, Arc::new(Table::<E>::new(name)));
+        self
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn EntityKind>> {
+        self.kinds.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.kinds.keys().copied()
+    }
+}
+
+/// One generated entity: its schema, and how to turn the model's answer into rows.
+pub trait EntityKind: Send + Sync {
+    /// The name requests use (`hero`).
+    fn name(&self) -> &'static str;
+    /// The schema's title (`Hero`): the tool's name in tools mode.
+    fn title(&self) -> &str;
+    /// The JSON schema the model is sent, as `instructd schema` prints it.
+    fn schema(&self) -> &Value;
+    /// Parses and validates the model's JSON answer into a record ready to insert, with
+    /// server-owned fields filled. The error text is fit to send back to the model.
+    fn hydrate(&self, answer: &str) -> Result<Box<dyn Record>, String>;
+}
+
+/// A validated, hydrated record (or graph of records) ready to be inserted.
+pub trait Record: Send + Sync {
+    /// The primary key of the (root) row.
+    fn id(&self) -> Uuid;
+    /// The record as the completion event carries it.
+    fn to_json(&self) -> Value;
+    /// Inserts the row(s) in the job's transaction (again, if the transaction is retried).
+    fn insert<'a>(&'a self, txn: &'a DatabaseTransaction) -> BoxFuture<'a, Result<(), DbErr>>;
+}
+
+struct Table<E> {
+    name: &'static str,
+    title: String,
+    schema: Value,
+    _entity: PhantomData<fn() -> E>,
+}
+
+impl<E: EntityTrait> Table<E>
+where
+    E::Model: Generate,
+{
+    fn new(name: &'static str) -> Self {
+        let schema = response_schema::<E::Model>();
+        let title = schema.get("title").and_then(Value::as_str).unwrap_or(name).to_owned();
+        Self { name, title, schema, _entity: PhantomData }
+    }
+}
+
+/// The schema of `T` as the model is sent it: no `$schema` key, definitions inlined.
+pub fn response_schema<T: schemars::JsonSchema>() -> Value {
+    let mut settings = schemars::generate::SchemaSettings::draft2020_12();
+    settings.meta_schema = None;
+    settings.into_generator().into_root_schema_for::<T>().to_value()
+}
+
+impl<E> EntityKind for Table<E>
+where
+    E: EntityTrait,
+    E::Model: Generate + IntoActiveModel<E::ActiveModel>,
+    E::ActiveModel: Send,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn title(&self) -> &str {
+        &self.title
+    }
+
+    fn schema(&self) -> &Value {
+        &self.schema
+    }
+
+    fn hydrate(&self, answer: &str) -> Result<Box<dyn Record>, String> {
+        let model: E::Model = parse_answer(answer)?;
+        model.validate()?;
+        Ok(Box::new(Row::<E>(model)))
+    }
+}
+
+struct Row<E: EntityTrait>(E::Model);
+
+impl<E> Record for Row<E>
+where
+    E: EntityTrait,
+    E::Model: Generate + IntoActiveModel<E::ActiveModel>,
+    E::ActiveModel: Send,
+{
+    fn id(&self) -> Uuid {
+        self.0.record_id()
+    }
+
+    fn to_json(&self) -> Value {
+        serde_json::to_value(&self.0).expect("entity models serialize to JSON")
+    }
+
+    fn insert<'a>(&'a self, txn: &'a DatabaseTransaction) -> BoxFuture<'a, Result<(), DbErr>> {
+        let active = self.0.clone().into_active_model();
+        Box::pin(async move {
+            E::insert(active).exec_without_returning(txn).await?;
+            Ok(())
+        })
+    }
+}
+
+/// Parses the model's JSON answer into `T`, with an error that names the field and the
+/// problem (e.g. `secret_name: field required`), fit to send back to the model.
+pub fn parse_answer<T: serde::de::DeserializeOwned>(answer: &str) -> Result<T, String> {
+    let mut deserializer = serde_json::Deserializer::from_str(answer);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        describe_json_error(&path, &inner)
+    })?;
+    deserializer.end().map_err(|e| format!("the answer has trailing characters after the JSON object ({e})"))?;
+    Ok(value)
+}
+
+fn describe_json_error(path: &str, error: &serde_json::Error) -> String {
+    let message = error.to_string();
+    // serde_json appends " at line L column C", which means nothing to the model.
+    let message = message.split(" at line ").next().unwrap_or(&message);
+    if let Some(field) = message.strip_prefix("missing field `").and_then(|rest| rest.strip_suffix('`')) {
+        let field = if path == "." { field.to_owned() } else { format!("{path}.{field}") };
+        return format!("{field}: field required");
+    }
+    if error.is_syntax() || error.is_eof() {
+        return format!("the answer is not valid JSON: {message}");
+    }
+    if path == "." { message.to_owned() } else { format!("{path}: {message}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use entity::hero;
+
+    #[test]
+    fn a_missing_field_is_named() {
+        let error = parse_answer::<hero::Model>(r#"{"name": "Superman"}"#).unwrap_err();
+        assert_eq!(error, "secret_name: field required");
+    }
+
+    #[test]
+    fn a_wrong_type_is_named_with_its_field() {
+        let error = parse_answer::<hero::Model>(r#"{"name": "a", "secret_name": "b", "age": "thirty"}"#).unwrap_err();
+        assert!(error.starts_with("age: invalid type: string \"thirty\""), "{error}");
+    }
+
+    #[test]
+    fn broken_json_is_reported_as_such() {
+        let error = parse_answer::<hero::Model>(r#"{"name": "a", "#).unwrap_err();
+        assert!(error.starts_with("the answer is not valid JSON"), "{error}");
+    }
+
+    #[test]
+    fn a_server_owned_id_in_the_answer_is_ignored() {
+        let sent = "00000000-0000-0000-0000-000000000001";
+        let model: hero::Model =
+            parse_answer(&format!(r#"{{"id": "{sent}", "name": "a", "secret_name": "b"}}"#)).unwrap();
+        assert_ne!(model.id.to_string(), sent);
+        assert_eq!(model.age, None);
+    }
+}

@@ -1,0 +1,56 @@
+//! # instructd
+//!
+//! A worker daemon that turns LLM generation requests on RabbitMQ into validated rows in
+//! Postgres: Instructor + SQLModel as a service. One SeaORM model is both the table and
+//! the schema the model answers in; server-owned fields (`id`) are hidden from the schema
+//! and filled by a default factory.
+//!
+//! ## The life of one job ([`worker::Worker::run_job`])
+//! 1. **receive** — [`decode`] turns the delivery into a [`decode::Job`], or a rejection
+//!    that goes to the dead-letter queue with its reason;
+//! 2. **claim** — [`store::Store::claim_job`] takes the job id in `generation_job`, so a
+//!    redelivered or duplicate request never generates twice;
+//! 3. **generate** — [`llm::generate`] calls the model in tools mode, retrying transport
+//!    failures ([`llm::retry`]) and re-asking with the validation error;
+//! 4. **validate and hydrate** — [`entities::EntityKind::hydrate`] parses the answer into
+//!    the entity, filling server-owned fields;
+//! 5. **store** — [`store::Store::record_outcome`] writes entity + job + event (outbox) in
+//!    one transaction;
+//! 6. **acknowledge**, then **announce** — the event is published with publisher confirms;
+//!    [`relay`] publishes whatever was committed but not confirmed.
+//!
+//! ## Modules
+//! - [`config`] — typed, layered settings; secrets redacted.
+//! - [`telemetry`] — logs, one span per job.
+//! - [`contract`] — the request and event shapes other services depend on.
+//! - [`broker`] — connections, topology, consumer, publisher.
+//! - [`llm`] — provider client, retry policy, tools mode, re-ask loop.
+//! - [`entities`] — the registry of generated entities.
+//! - [`store`] — claims, outcomes and the outbox in Postgres.
+//! - [`relay`] — the outbox relay.
+//! - [`startup`] — build and run: supervisor, consumer loop, drain.
+//! - [`shutdown`] — signals.
+//! - [`enqueue`] — the `instructd enqueue` client.
+
+#![forbid(unsafe_code)]
+#![warn(clippy::todo, clippy::dbg_macro, clippy::await_holding_lock)]
+
+pub mod broker;
+pub mod config;
+pub mod contract;
+pub mod decode;
+pub mod enqueue;
+pub mod entities;
+pub mod llm;
+pub mod relay;
+pub mod shutdown;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+pub mod worker;
+
+/// Installs ring as the process's TLS crypto provider (reqwest and lapin both use rustls;
+/// ring is chosen at build time to avoid aws-lc's C toolchain). Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -1,0 +1,11 @@
+//! Talking to the model: the provider client with its one retry policy ([`client`],
+//! [`retry`]), how the schema is sent and the answer read back ([`tools`]), and the
+//! generate-validate-re-ask loop of a job ([`generate`]).
+
+pub mod client;
+pub mod generate;
+pub mod retry;
+pub mod tools;
+
+pub use client::LlmClient;
+pub use generate::{CallTrace, Generation, generate};

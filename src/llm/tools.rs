@@ -1,0 +1,149 @@
+//! Tools mode, as Instructor sends it: the entity's schema is a function tool named after
+//! the schema's title, with the schema (minus its top-level `title`) as parameters, and
+//! `tool_choice` forces it. A re-ask appends the assistant's tool call byte for byte and a
+//! `tool` message carrying the validation error.
+
+use async_openai::types::chat::{
+    ChatCompletionMessageToolCall, ChatCompletionMessageToolCalls, ChatCompletionNamedToolChoice,
+    ChatCompletionRequestAssistantMessage, ChatCompletionRequestAssistantMessageContent, ChatCompletionRequestMessage,
+    ChatCompletionRequestSystemMessage, ChatCompletionRequestToolMessage, ChatCompletionRequestUserMessage,
+    ChatCompletionTool, ChatCompletionToolChoiceOption, ChatCompletionTools, CreateChatCompletionRequest, FunctionCall,
+    FunctionName, FunctionObject,
+};
+use serde_json::Value;
+
+use super::client::Completion;
+use crate::contract::{ChatMessage, Role};
+
+/// The function tool for one entity.
+pub struct ToolSpec {
+    name: String,
+    description: String,
+    parameters: Value,
+}
+
+/// What the model answered, read in tools mode.
+pub enum Answer<'a> {
+    /// The arguments of the forced function call: the JSON to validate.
+    Arguments(&'a str),
+    /// The model declined (`message.refusal`).
+    Refused(String),
+    /// Not an answer at all (no call, a call to another function): re-asked.
+    Invalid(String),
+}
+
+impl ToolSpec {
+    /// The tool for an entity whose schema's title is `title`.
+    pub fn new(title: &str, schema: &Value) -> Self {
+        let mut parameters = schema.clone();
+        if let Some(object) = parameters.as_object_mut() {
+            object.remove("title");
+        }
+        let description = schema.get("description").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| {
+            format!("Correctly extracted `{title}` with all the required parameters with correct types")
+        });
+        Self { name: title.to_owned(), description, parameters }
+    }
+
+    /// The chat-completions request for `messages`.
+    pub fn request(
+        &self,
+        model: &str,
+        messages: Vec<ChatCompletionRequestMessage>,
+        max_tokens: u32,
+        temperature: f32,
+    ) -> CreateChatCompletionRequest {
+        CreateChatCompletionRequest {
+            model: model.to_owned(),
+            messages,
+            tools: Some(vec![ChatCompletionTools::Function(ChatCompletionTool {
+                function: FunctionObject {
+                    name: self.name.clone(),
+                    description: Some(self.description.clone()),
+                    parameters: Some(self.parameters.clone()),
+                    strict: None,
+                },
+            })]),
+            tool_choice: Some(ChatCompletionToolChoiceOption::Function(ChatCompletionNamedToolChoice {
+                function: FunctionName { name: self.name.clone() },
+            })),
+            max_completion_tokens: (max_tokens > 0).then_some(max_tokens),
+            temperature: Some(temperature),
+            ..Default::default()
+        }
+    }
+
+    /// Reads the answer out of a completion.
+    pub fn answer<'a>(&self, completion: &'a Completion) -> Answer<'a> {
+        let message = &completion.message;
+        if let Some(refusal) = message.refusal.as_deref().filter(|r| !r.trim().is_empty()) {
+            return Answer::Refused(refusal.to_owned());
+        }
+        let calls = message.tool_calls.as_deref().unwrap_or_default();
+        match calls.iter().find(|call| call.function.name == self.name) {
+            Some(call) => Answer::Arguments(&call.function.arguments),
+            None if calls.is_empty() => {
+                Answer::Invalid(format!("no call to the function `{}` was made; call it with the answer", self.name))
+            }
+            None => Answer::Invalid(format!(
+                "the function `{}` was called instead of `{}`; call `{}`",
+                calls[0].function.name, self.name, self.name
+            )),
+        }
+    }
+
+    /// Appends the failed answer and the validation error to the conversation, as
+    /// Instructor's tools-mode re-ask does.
+    pub fn append_reask(&self, messages: &mut Vec<ChatCompletionRequestMessage>, completion: &Completion, error: &str) {
+        let text = format!("Validation Error found:\n{error}\nRecall the function correctly, fix the errors");
+        let calls = completion.message.tool_calls.as_deref().unwrap_or_default();
+        if calls.is_empty() {
+            let content = completion.message.content.clone().unwrap_or_default();
+            messages.push(assistant(content, None));
+            messages.push(ChatCompletionRequestUserMessage::from(text).into());
+            return;
+        }
+        let echoed = calls
+            .iter()
+            .map(|call| {
+                ChatCompletionMessageToolCalls::Function(ChatCompletionMessageToolCall {
+                    id: call.id.clone(),
+                    function: FunctionCall {
+                        name: call.function.name.clone(),
+                        arguments: call.function.arguments.clone(),
+                    },
+                })
+            })
+            .collect();
+        messages.push(assistant(String::new(), Some(echoed)));
+        // Every tool call needs its answer; the one we judged carries the error.
+        let judged = calls.iter().position(|c| c.function.name == self.name).unwrap_or(0);
+        for (index, call) in calls.iter().enumerate() {
+            let content = if index == judged { text.clone() } else { format!("Only `{}` may be called.", self.name) };
+            messages.push(
+                ChatCompletionRequestToolMessage { content: content.into(), tool_call_id: call.id.clone() }.into(),
+            );
+        }
+    }
+}
+
+fn assistant(content: String, tool_calls: Option<Vec<ChatCompletionMessageToolCalls>>) -> ChatCompletionRequestMessage {
+    ChatCompletionRequestAssistantMessage {
+        content: Some(ChatCompletionRequestAssistantMessageContent::Text(content)),
+        tool_calls,
+        ..Default::default()
+    }
+    .into()
+}
+
+/// The request's messages in async-openai's types.
+pub fn to_openai_messages(messages: &[ChatMessage]) -> Vec<ChatCompletionRequestMessage> {
+    messages
+        .iter()
+        .map(|message| match message.role {
+            Role::System => ChatCompletionRequestSystemMessage::from(message.content.as_str()).into(),
+            Role::User => ChatCompletionRequestUserMessage::from(message.content.as_str()).into(),
+            Role::Assistant => assistant(message.content.clone(), None),
+        })
+        .collect()
+}

@@ -1,0 +1,88 @@
+//! The `instructd` command line: parses arguments and dispatches. All wiring lives in the
+//! library (`startup.rs`), where tests can reach it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use instructd::config::{CONFIG_FILE_ENV, Settings};
+use instructd::enqueue::EnqueueArgs;
+use instructd::entities::Registry;
+use instructd::startup::{self, Application};
+use instructd::{enqueue, shutdown, telemetry};
+
+/// Turns LLM generation requests on RabbitMQ into validated rows in Postgres.
+#[derive(Debug, Parser)]
+#[command(name = "instructd", version, about)]
+struct Cli {
+    /// A TOML file layered over the defaults (environment variables still win).
+    #[arg(long, global = true, env = CONFIG_FILE_ENV)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the worker daemon until SIGTERM or SIGINT.
+    Run,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Print the JSON schema the model is sent for an entity.
+    Schema {
+        /// The entity's name (e.g. `hero`).
+        entity: String,
+    },
+    /// Publish a generation request; with --wait, print its completion event.
+    Enqueue(EnqueueArgs),
+    /// Print the effective configuration, secrets redacted.
+    Config,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Schema { entity } = &cli.command {
+        // Needs no configuration: the schema is part of the build.
+        let registry = Registry::builtin();
+        let kind = registry.get(entity).with_context(|| {
+            format!("unknown entity `{entity}` (known: {})", registry.names().collect::<Vec<_>>().join(", "))
+        })?;
+        println!("{}", serde_json::to_string_pretty(kind.schema())?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let settings = Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Run => {
+            telemetry::init(&settings.log);
+            let app = Application::build(settings).await?;
+            app.run_until_stopped(shutdown::signalled()).await?;
+        }
+        Command::Migrate => {
+            telemetry::init(&settings.log);
+            let db = startup::connect_database(&settings).await?;
+            startup::migrate(&db).await?;
+            eprintln!("migrations applied");
+        }
+        Command::Config => print!("{}", settings.to_redacted_toml()),
+        Command::Enqueue(args) => {
+            telemetry::init(&settings.log);
+            if !enqueue::enqueue(&settings, args).await? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Schema { .. } => unreachable!("handled above"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

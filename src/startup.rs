@@ -1,0 +1,184 @@
+//! Wiring: [`Application::build`] does everything fallible at start-up (settings are given,
+//! so tests can change them); [`Application::run_until_stopped`] owns the tasks: a
+//! supervisor that (re)connects to RabbitMQ, the consumer loop, the outbox relay, and the
+//! drain on shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use lapin::options::BasicCancelOptions;
+use migration::MigratorTrait;
+use sea_orm::{ConnectOptions, Database, DatabaseConnection};
+use secrecy::ExposeSecret;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{Publisher, connection, consumer, topology};
+use crate::config::{Settings, redacted_url};
+use crate::entities::Registry;
+use crate::llm::LlmClient;
+use crate::relay;
+use crate::store::Store;
+use crate::worker::Worker;
+
+pub struct Application {
+    worker: Arc<Worker>,
+}
+
+/// Connects to Postgres (without logging SQL, which could carry request contents).
+pub async fn connect_database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
+    let mut options = ConnectOptions::new(settings.database.url.expose_secret().to_owned());
+    options
+        .max_connections(settings.database.max_connections)
+        .connect_timeout(Duration::from_secs(settings.database.connect_timeout_secs))
+        .acquire_timeout(Duration::from_secs(settings.database.connect_timeout_secs))
+        .sqlx_logging(false);
+    Database::connect(options)
+        .await
+        .with_context(|| format!("cannot connect to Postgres at {}", redacted_url(&settings.database.url)))
+}
+
+/// Applies pending migrations.
+pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
+    migration::Migrator::up(db, None).await.context("applying migrations failed")
+}
+
+impl Application {
+    /// Connects to the database, migrates it if configured, and builds the LLM client.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let db = connect_database(&settings).await?;
+        if settings.database.migrate_on_start {
+            migrate(&db).await?;
+        }
+        let llm = LlmClient::new(&settings.llm)?;
+        let worker = Worker {
+            settings: Arc::new(settings),
+            registry: Registry::builtin(),
+            store: Store::new(db),
+            llm,
+            stop: CancellationToken::new(),
+            abort: CancellationToken::new(),
+        };
+        Ok(Self { worker: Arc::new(worker) })
+    }
+
+    /// Consumes requests until `shutdown` resolves, then stops taking jobs, lets in-flight
+    /// ones finish within `worker.shutdown_grace_secs`, flushes the outbox and returns.
+    /// Broker outages do not end it: it reconnects with backoff.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let worker = self.worker;
+        let stop = worker.stop.clone();
+        tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                shutdown.await;
+                stop.cancel();
+            }
+        });
+        let tracker = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(worker.settings.worker.concurrency as usize));
+        let max_delay = Duration::from_secs(worker.settings.broker.reconnect_max_delay_secs);
+        let mut delay = Duration::from_millis(500);
+        while !stop.is_cancelled() {
+            match run_session(&worker, &tracker, &slots).await {
+                Ok(()) => delay = Duration::from_millis(500),
+                Err(error) => {
+                    tracing::error!(error = format!("{error:#}"), retry_in = ?delay, "broker session ended; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                    delay = (delay * 2).min(max_delay);
+                }
+            }
+        }
+        drain(&worker, &tracker).await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// One connection's worth of work: declare, consume, relay — until the connection fails
+/// (error) or a shutdown is requested (then in-flight jobs drain while the connections are
+/// still open, so they can ack and announce).
+async fn run_session(worker: &Arc<Worker>, tracker: &TaskTracker, slots: &Arc<Semaphore>) -> anyhow::Result<()> {
+    let settings = &worker.settings;
+    let consume_connection = connection::connect(&settings.broker, "consumer").await?;
+    let publish_connection = connection::connect(&settings.broker, "publisher").await?;
+    topology::declare(&publish_connection.create_channel().await?, &settings.broker)
+        .await
+        .context("declaring the topology failed")?;
+    let publisher =
+        Publisher::open(&publish_connection, &settings.broker.events_exchange, &settings.broker.dead_letter_queue)
+            .await?;
+    let (channel, mut consumer) = consumer::consume_requests(&consume_connection, settings).await?;
+    tracing::info!(
+        queue = %settings.broker.request_queue,
+        concurrency = settings.worker.concurrency,
+        "consuming requests"
+    );
+    let session = worker.stop.child_token();
+    let relay =
+        tokio::spawn(relay::run(worker.store.clone(), publisher.clone(), Duration::from_secs(5), session.clone()));
+    let _stop_relay = session.clone().drop_guard();
+
+    loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            _ = worker.stop.cancelled() => break,
+        };
+        let delivery = tokio::select! {
+            next = consumer.next() => next,
+            _ = worker.stop.cancelled() => break,
+        };
+        match delivery {
+            Some(Ok(delivery)) => {
+                let worker = worker.clone();
+                let publisher = publisher.clone();
+                tracker.spawn(async move {
+                    worker.run_job(delivery, &publisher).await;
+                    drop(permit);
+                });
+            }
+            Some(Err(error)) => return Err(error).context("the request consumer failed"),
+            None => anyhow::bail!("the broker cancelled the request consumer"),
+        }
+    }
+
+    // Shutdown: no new deliveries; what was prefetched but not started is returned when
+    // the channel closes.
+    if let Err(error) = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await {
+        tracing::warn!(%error, "cancelling the consumer failed");
+    }
+    drain(worker, tracker).await;
+    session.cancel();
+    let _ = relay.await;
+    match relay::relay_pending(&worker.store, &publisher, Duration::ZERO).await {
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "flushing the outbox failed; events stay pending for the next start"),
+    }
+    let _ = channel.close(200, "shutting down".into()).await;
+    let _ = consume_connection.close(200, "shutting down".into()).await;
+    let _ = publish_connection.close(200, "shutting down".into()).await;
+    Ok(())
+}
+
+/// Waits for in-flight jobs for at most the grace period; the rest are abandoned and their
+/// requests redelivered.
+async fn drain(worker: &Worker, tracker: &TaskTracker) {
+    tracker.close();
+    if tracker.is_empty() {
+        return;
+    }
+    let grace = Duration::from_secs(worker.settings.worker.shutdown_grace_secs);
+    tracing::info!(in_flight = tracker.len(), ?grace, "waiting for in-flight jobs");
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(left = tracker.len(), "grace period over; leaving unfinished jobs to redelivery");
+        worker.abort.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    }
+}

@@ -1,0 +1,216 @@
+//! The life of one job, top to bottom in [`Worker::run_job`]:
+//! receive → claim → generate (with re-ask) → validate and hydrate → store (entity + job +
+//! event, one transaction) → acknowledge → announce.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use sea_orm::DbErr;
+use tokio_util::sync::CancellationToken;
+use tracing::field::Empty;
+
+use crate::broker::Publisher;
+use crate::config::Settings;
+use crate::contract::{ErrorKind, JobError};
+use crate::decode::{Job, Rejection, decode};
+use crate::entities::Registry;
+use crate::llm::{self, LlmClient, generate::Prompt};
+use crate::store::{Claim, OutboxEvent, Outcome, Store, is_transient};
+
+/// Everything a job needs, shared by all jobs of the process.
+pub struct Worker {
+    pub settings: Arc<Settings>,
+    pub registry: Registry,
+    pub store: Store,
+    pub llm: LlmClient,
+    /// Cancelled when the process stops taking new jobs (first signal).
+    pub stop: CancellationToken,
+    /// Cancelled when the shutdown grace period is over: give up and leave the delivery
+    /// to redelivery.
+    pub abort: CancellationToken,
+}
+
+/// Why a job was left for redelivery instead of being finished.
+#[derive(Debug, thiserror::Error)]
+enum Abandon {
+    #[error("shutting down")]
+    ShuttingDown,
+    #[error("database error: {0}")]
+    Database(#[source] DbErr),
+}
+
+impl Worker {
+    /// Runs one delivery to its end. Never fails: every path ends in an ack (outcome
+    /// committed, or dead-lettered), or a requeue for redelivery (shutdown, outage).
+    #[tracing::instrument(name = "job", skip_all, fields(job_id = Empty, entity = Empty, attempt = Empty, redelivered = delivery.redelivered))]
+    pub async fn run_job(&self, delivery: Delivery, publisher: &Publisher) {
+        let job = match decode(&delivery.data, &delivery.properties, &self.registry, &self.settings) {
+            Ok(job) => job,
+            Err(rejection) => return self.dead_letter(delivery, *rejection, publisher).await,
+        };
+        let span = tracing::Span::current();
+        span.record("job_id", tracing::field::display(job.id));
+        span.record("entity", job.kind.name());
+
+        match self.settle(&job).await {
+            Ok(event) => {
+                // The outcome is committed: only now may the request leave the queue.
+                acknowledge(&delivery).await;
+                if let Some(event) = event {
+                    self.announce(publisher, &event).await;
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "job left for redelivery");
+                requeue(&delivery).await;
+            }
+        }
+    }
+
+    /// Claims the job and brings it to a committed outcome. Returns the event to announce
+    /// (`None` if another worker took the job over and will announce it).
+    async fn settle(&self, job: &Job) -> Result<Option<OutboxEvent>, Abandon> {
+        let record = job.record();
+        let lease = Duration::from_secs(self.settings.worker.job_lease_secs);
+        loop {
+            match self.with_db_retries(|| self.store.claim_job(&record, lease)).await? {
+                Claim::Acquired { token } => return self.generate_and_store(job, token).await,
+                Claim::Finished => {
+                    tracing::info!("job already finished; announcing its outcome again");
+                    return self.with_db_retries(|| self.store.reannounce(&record)).await;
+                }
+                Claim::Busy { lease_expires_at } => {
+                    // A duplicate delivery while another worker runs the job: wait for it
+                    // to finish (then announce again) or for its lease to expire (then
+                    // take over), so that this delivery, too, gets its event.
+                    tracing::info!(%lease_expires_at, "another worker holds this job; waiting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = self.stop.cancelled() => return Err(Abandon::ShuttingDown),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn generate_and_store(&self, job: &Job, token: uuid::Uuid) -> Result<Option<OutboxEvent>, Abandon> {
+        let started = Instant::now();
+        let prompt = Prompt {
+            kind: job.kind.as_ref(),
+            messages: &job.request.messages,
+            model: &job.model,
+            max_retries: job.max_retries,
+            deadline: started + Duration::from_secs(self.settings.llm.job_timeout_secs),
+        };
+        let generation = llm::generate(&self.llm, &self.settings.llm, prompt).await;
+        let record = job.record();
+        let mut outcome = Outcome { result: generation.outcome.as_ref().map(|r| r.as_ref()), trace: &generation.trace };
+        let stored = match self.with_db_retries(|| self.store.record_outcome(&record, token, &outcome)).await {
+            Err(Abandon::Database(error)) => {
+                // The record itself cannot be stored (a constraint the schema did not
+                // express): the job fails for good rather than looping on redelivery.
+                tracing::error!(error = %error, "storing the record failed; failing the job");
+                let failure = JobError::new(ErrorKind::Internal, format!("the record could not be stored: {error}"));
+                outcome.result = Err(&failure);
+                self.with_db_retries(|| self.store.record_outcome(&record, token, &outcome)).await?
+            }
+            other => other?,
+        };
+        match &stored {
+            Some(_) => match &generation.outcome {
+                Ok(_) => {
+                    tracing::info!(attempts = generation.trace.attempts, elapsed = ?started.elapsed(), "job succeeded")
+                }
+                Err(error) => tracing::warn!(kind = ?error.kind, error = %error.message, "job failed"),
+            },
+            None => tracing::warn!("the job's lease expired and another worker took it over; dropping this result"),
+        }
+        Ok(stored)
+    }
+
+    /// A message that can never succeed: copy it to the DLQ with its reason (confirmed),
+    /// record the failed job and its event, then ack. Nothing is dropped silently.
+    async fn dead_letter(&self, delivery: Delivery, rejection: Rejection, publisher: &Publisher) {
+        let span = tracing::Span::current();
+        span.record("job_id", tracing::field::display(rejection.job_id));
+        span.record("entity", rejection.entity.as_str());
+        tracing::warn!(reason = %rejection.reason, "dead-lettering an invalid request");
+        if let Err(error) = publisher.dead_letter(&delivery.data, &delivery.properties, &rejection.reason).await {
+            tracing::error!(%error, "cannot dead-letter the message; leaving it for redelivery");
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = self.stop.cancelled() => {}
+            }
+            return requeue(&delivery).await;
+        }
+        let error = JobError::new(ErrorKind::InvalidRequest, rejection.reason.clone());
+        let record = rejection.record();
+        let event = self.with_db_retries(|| self.store.record_rejection(&record, &error)).await;
+        // The dead-letter copy is confirmed: the request may leave the queue even if the
+        // database could not record the failure (it is then only in the DLQ).
+        acknowledge(&delivery).await;
+        match event {
+            Ok(event) => self.announce(publisher, &event).await,
+            Err(reason) => tracing::error!(%reason, "the failed job could not be recorded; no event is sent"),
+        }
+    }
+
+    /// Publishes an outboxed event and marks it sent. On failure it stays in the outbox
+    /// and the relay publishes it later.
+    async fn announce(&self, publisher: &Publisher, event: &OutboxEvent) {
+        match publisher.publish_event(event).await {
+            Ok(()) => {
+                if let Err(error) = self.store.mark_published(event.event_id).await {
+                    tracing::warn!(%error, "event published but not marked; the relay may send it again");
+                }
+                tracing::debug!(routing_key = %event.routing_key, "event published");
+            }
+            Err(error) => tracing::warn!(%error, "event not published yet; the outbox relay will retry"),
+        }
+    }
+
+    /// Runs a database operation, retrying transient errors (an outage pauses the job, it
+    /// does not fail it) until it succeeds or the shutdown grace period is over.
+    async fn with_db_retries<T, F, Fut>(&self, operation: F) -> Result<T, Abandon>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, DbErr>>,
+    {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_max_times(usize::MAX)
+            .with_jitter();
+        let retried = operation
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(is_transient)
+            .notify(|error, wait| tracing::warn!(%error, ?wait, "database unavailable; retrying"));
+        tokio::select! {
+            result = retried => result.map_err(Abandon::Database),
+            _ = self.abort.cancelled() => Err(Abandon::ShuttingDown),
+        }
+    }
+}
+
+/// Acks a delivery. A failed ack (the channel died meanwhile) is not an error of the job:
+/// the request is redelivered, the claim finds the job finished, and it is announced again.
+async fn acknowledge(delivery: &Delivery) {
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!("ack not sent (its channel is gone); the request will be redelivered"),
+        Err(error) => tracing::warn!(%error, "ack failed; the request will be redelivered"),
+    }
+}
+
+/// Returns a delivery to the queue for another try. `requeue: true` explicitly: lapin's
+/// default `BasicNackOptions` would dead-letter it.
+async fn requeue(delivery: &Delivery) {
+    let options = BasicNackOptions { requeue: true, ..Default::default() };
+    if let Err(error) = delivery.acker.nack(options).await {
+        tracing::warn!(%error, "nack failed; the broker redelivers the request when the channel closes");
+    }
+}
