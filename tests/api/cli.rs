@@ -1,0 +1,67 @@
+//! The command line: `schema` and `config`, run as the real binary.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+/// The seed's schema, as Instructor sends it for the Python `Hero` model.
+const SEED_SCHEMA: &str = r#"
+{"properties": {"name": {"title": "Name", "type": "string"},
+                "secret_name": {"title": "Secret Name", "type": "string"},
+                "age": {"anyOf": [{"type": "integer"}, {"type": "null"}], "default": null, "title": "Age"}},
+ "required": ["name", "secret_name"], "title": "Hero", "type": "object"}
+"#;
+
+fn instructd(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_instructd"));
+    command.args(args).env_remove("OPENAI_API_KEY").env_remove("INSTRUCTD_CONFIG");
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("INSTRUCTD__")) {
+        command.env_remove(key);
+    }
+    command.envs(env.iter().copied()).output().expect("instructd runs")
+}
+
+#[test]
+fn schema_hero_prints_exactly_the_seed_schema() {
+    let output = instructd(&["schema", "hero"], &[]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let printed: Value = serde_json::from_slice(&output.stdout).expect("the schema is JSON");
+    let seed: Value = serde_json::from_str(SEED_SCHEMA).unwrap();
+    assert_eq!(printed, seed);
+}
+
+#[test]
+fn schema_of_an_unknown_entity_fails_and_lists_the_known_ones() {
+    let output = instructd(&["schema", "villain"], &[]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown entity `villain` (known: hero)"));
+}
+
+#[test]
+fn config_shows_environment_overrides_and_redacts_secrets() {
+    let output = instructd(
+        &["config"],
+        &[
+            ("INSTRUCTD__WORKER__CONCURRENCY", "3"),
+            ("INSTRUCTD__LLM__MODEL", "gpt-4o"),
+            ("OPENAI_API_KEY", "sk-live-do-not-print"),
+            ("INSTRUCTD__DATABASE__URL", "postgres://app:hunter2@db.internal:5432/app"),
+        ],
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let printed = String::from_utf8(output.stdout).unwrap();
+    let config: toml::Table = printed.parse().expect("config prints TOML");
+    assert_eq!(config["worker"]["concurrency"].as_integer(), Some(3));
+    assert_eq!(config["llm"]["model"].as_str(), Some("gpt-4o"));
+    assert_eq!(config["llm"]["api_key"].as_str(), Some("[redacted]"));
+    assert_eq!(config["database"]["url"].as_str(), Some("postgres://app:***@db.internal:5432/app"));
+    assert!(!printed.contains("sk-live-do-not-print") && !printed.contains("hunter2"), "{printed}");
+}
+
+#[test]
+fn a_bad_config_value_stops_start_up_naming_the_key() {
+    let output = instructd(&["run"], &[("INSTRUCTD__WORKER__CONCURRENCY", "lots")]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("worker.concurrency"), "{stderr}");
+}

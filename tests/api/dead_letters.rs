@@ -1,0 +1,65 @@
+//! Messages that can never succeed go to the dead-letter queue with their reason.
+
+use instructd::broker::publisher::{ERROR_HEADER, header_text};
+use lapin::BasicProperties;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_are_dead_lettered_with_their_reason_and_work_goes_on() {
+    let mut app = spawn_app().await;
+    answer_always(&app.llm, tool_call_completion("Hero", r#"{"name": "A", "secret_name": "B"}"#)).await;
+    let json_props = || BasicProperties::default().with_content_type("application/json".into());
+    let message_id = Uuid::new_v4();
+    let cases: Vec<(Vec<u8>, BasicProperties, &str, &str)> = vec![
+        (
+            b"this is not json".to_vec(),
+            json_props().with_message_id(message_id.to_string().into()),
+            "the body is not JSON",
+            "job.failed.unknown",
+        ),
+        (
+            serde_json::to_vec(&request("villain", "Make a villain")).unwrap(),
+            json_props(),
+            "unknown entity `villain` (known: hero)",
+            "job.failed.unknown",
+        ),
+        (
+            serde_json::to_vec(&json!({"job_id": Uuid::new_v4(), "entity": "hero", "messages": []})).unwrap(),
+            json_props(),
+            "messages: must not be empty",
+            "job.failed.hero",
+        ),
+        (
+            serde_json::to_vec(&json!({"entity": "hero", "messages": [{"role": "robot", "content": "x"}]})).unwrap(),
+            json_props(),
+            "not a generation request",
+            "job.failed.hero",
+        ),
+    ];
+
+    for (body, properties, reason, routing_key) in &cases {
+        app.publish_raw(body, properties.clone()).await;
+        let dead = app.next_dead_letter().await;
+        assert_eq!(&dead.delivery.data, body, "the dead letter is the original message");
+        let why = header_text(dead.delivery.properties.headers(), ERROR_HEADER).expect("the reason header is set");
+        assert!(why.contains(reason), "expected {reason:?} in {why:?}");
+        let failed = app.next_event().await;
+        assert_eq!(&failed.routing_key, routing_key);
+        let error = failed.event.error.expect("a failed event has an error");
+        assert_eq!(error.kind, instructd::contract::ErrorKind::InvalidRequest);
+        assert!(error.message.contains(reason));
+    }
+    // The message id stood in for the missing job id.
+    assert_eq!(app.job(message_id).await.status, "failed");
+
+    // The daemon is still consuming.
+    app.publish(&request("hero", "Make a hero")).await;
+    let ok = app.next_event().await;
+    assert_eq!(ok.routing_key, "job.succeeded.hero");
+    assert_eq!(app.heroes().await.len(), 1);
+    assert_eq!(app.queued_requests().await, 0);
+    app.stop().await;
+}

@@ -1,0 +1,335 @@
+//! `spawn_app()`: a daemon on its own fresh database, its own randomly named queues and
+//! exchange, and a wiremock fake of the chat-completions API; plus a test-side AMQP
+//! channel to publish requests and read events and dead letters.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use instructd::config::Settings;
+use instructd::contract::CompletionEvent;
+use instructd::startup::Application;
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, EntityTrait, Statement};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+/// Where the tests' Postgres role can create databases; overridable for other setups.
+fn admin_database_url() -> String {
+    std::env::var("INSTRUCTD_TEST_ADMIN_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://instructd:instructd@127.0.0.1:5432/postgres".to_owned())
+}
+
+fn broker_url() -> String {
+    std::env::var("INSTRUCTD_TEST_BROKER_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// How long a test waits for something that should happen: generous, because a loaded
+/// 2-core machine is slow, and never a sleep — every wait returns as soon as it can.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub struct TestApp {
+    pub settings: Settings,
+    pub llm: MockServer,
+    pub db: DatabaseConnection,
+    pub channel: Channel,
+    events: Consumer,
+    stop: Option<oneshot::Sender<()>>,
+    daemon: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _connection: Connection,
+}
+
+/// Settings for one test: fresh names, the fake LLM, fast retries.
+pub async fn test_settings(llm: &MockServer, database_url: &str) -> Settings {
+    let suffix = Uuid::new_v4().simple().to_string();
+    let env: HashMap<String, String> = [
+        ("INSTRUCTD__DATABASE__URL", database_url.to_owned()),
+        ("INSTRUCTD__DATABASE__MAX_CONNECTIONS", "4".to_owned()),
+        ("INSTRUCTD__BROKER__URL", broker_url()),
+        ("INSTRUCTD__BROKER__REQUEST_QUEUE", format!("test.{suffix}.requests")),
+        ("INSTRUCTD__BROKER__EVENTS_EXCHANGE", format!("test.{suffix}.events")),
+        ("INSTRUCTD__BROKER__DEAD_LETTER_QUEUE", format!("test.{suffix}.dlq")),
+        ("INSTRUCTD__LLM__BASE_URL", format!("{}/v1", llm.uri())),
+        ("INSTRUCTD__LLM__API_KEY", "sk-test-key-0123456789".to_owned()),
+        ("INSTRUCTD__LLM__MODEL", "fake-model".to_owned()),
+        ("INSTRUCTD__LLM__TRANSPORT_MIN_DELAY_MS", "10".to_owned()),
+        ("INSTRUCTD__LLM__TRANSPORT_MAX_DELAY_SECS", "1".to_owned()),
+        ("INSTRUCTD__WORKER__CONCURRENCY", "4".to_owned()),
+        ("INSTRUCTD__WORKER__SHUTDOWN_GRACE_SECS", "10".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    Settings::load_from(None, env).expect("test settings are valid")
+}
+
+/// Creates an empty database and returns its URL.
+pub async fn create_database() -> String {
+    let admin_url = admin_database_url();
+    let admin = Database::connect(admin_url.as_str()).await.expect("the tests' Postgres is reachable");
+    let name = format!("instructd_test_{}", Uuid::new_v4().simple());
+    admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await.expect("can create a test database");
+    let _ = admin.close().await;
+    let (base, _) = admin_url.rsplit_once('/').expect("the admin URL names a database");
+    format!("{base}/{name}")
+}
+
+pub async fn spawn_app() -> TestApp {
+    let llm = MockServer::start().await;
+    let settings = test_settings(&llm, &create_database().await).await;
+    spawn_app_with(settings, llm).await
+}
+
+pub async fn spawn_app_with(settings: Settings, llm: MockServer) -> TestApp {
+    init_test_logs();
+    // Declare the topology and bind a queue to every event before the daemon runs, so no
+    // event can be published before the test listens.
+    let connection = Connection::connect(&broker_url(), ConnectionProperties::default()).await.expect("RabbitMQ is up");
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    instructd::broker::topology::declare(&channel, &settings.broker).await.unwrap();
+    let events = listen(&channel, &settings.broker.events_exchange, "#").await;
+
+    let app = Application::build(settings.clone()).await.expect("the app builds");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let daemon = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let db = Database::connect(sea_orm::ConnectOptions::new(
+        secrecy::ExposeSecret::expose_secret(&settings.database.url).to_owned(),
+    ))
+    .await
+    .unwrap();
+    TestApp { settings, llm, db, channel, events, stop: Some(stop), daemon: Some(daemon), _connection: connection }
+}
+
+/// A server-named queue bound to `exchange` with `binding`, and a consumer on it.
+pub async fn listen(channel: &Channel, exchange: &str, binding: &str) -> Consumer {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            exchange.into(),
+            binding.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .basic_consume(
+            queue.name().clone(),
+            format!("test-{}", Uuid::new_v4()).into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+}
+
+/// A received event with its routing key and AMQP properties.
+pub struct Received {
+    pub routing_key: String,
+    pub event: CompletionEvent,
+    pub properties: BasicProperties,
+}
+
+pub async fn next_message(consumer: &mut Consumer) -> Received {
+    let delivery = tokio::time::timeout(PATIENCE, consumer.next())
+        .await
+        .expect("a message arrives in time")
+        .expect("the consumer is open")
+        .expect("the delivery is readable");
+    Received {
+        routing_key: delivery.routing_key.to_string(),
+        event: serde_json::from_slice(&delivery.data).expect("the message is a completion event"),
+        properties: delivery.properties,
+    }
+}
+
+pub fn request(entity: &str, prompt: &str) -> Value {
+    json!({
+        "job_id": Uuid::new_v4(),
+        "entity": entity,
+        "messages": [{"role": "user", "content": prompt}],
+        "metadata": {"trace": "abc", "n": 1}
+    })
+}
+
+impl TestApp {
+    /// Publishes a raw body to the request queue as any service would.
+    pub async fn publish_raw(&self, body: &[u8], properties: BasicProperties) {
+        self.channel
+            .basic_publish(
+                "".into(),
+                self.settings.broker.request_queue.as_str().into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                body,
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    pub async fn publish(&self, request: &Value) {
+        let properties = BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2);
+        self.publish_raw(&serde_json::to_vec(request).unwrap(), properties).await;
+    }
+
+    /// The next completion event on the events exchange.
+    pub async fn next_event(&mut self) -> Received {
+        next_message(&mut self.events).await
+    }
+
+    /// The next dead letter, polled with `basic.get` until one arrives.
+    pub async fn next_dead_letter(&self) -> lapin::message::BasicGetMessage {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let message = self
+                .channel
+                .basic_get(self.settings.broker.dead_letter_queue.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap();
+            if let Some(message) = message {
+                return message;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no dead letter arrived in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Ready messages left on the request queue.
+    pub async fn queued_requests(&self) -> u32 {
+        self.channel
+            .queue_declare(
+                self.settings.broker.request_queue.as_str().into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    }
+
+    pub async fn heroes(&self) -> Vec<entity::hero::Model> {
+        entity::hero::Entity::find().all(&self.db).await.unwrap()
+    }
+
+    pub async fn job(&self, job_id: Uuid) -> entity::generation_job::Model {
+        entity::generation_job::Entity::find_by_id(job_id).one(&self.db).await.unwrap().expect("the job has a row")
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        let row = self.db.query_one_raw(Statement::from_string(DbBackend::Postgres, sql)).await.unwrap().unwrap();
+        row.try_get_by_index(0).unwrap()
+    }
+
+    /// The bodies of every request the fake LLM received, in order.
+    pub async fn llm_requests(&self) -> Vec<Value> {
+        self.llm
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .map(|r| serde_json::from_slice(&r.body).expect("the LLM request is JSON"))
+            .collect()
+    }
+
+    /// Stops the daemon as SIGTERM would and waits for it to return.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(daemon) = self.daemon.take() {
+            tokio::time::timeout(PATIENCE, daemon).await.expect("the daemon stops in time").unwrap().unwrap();
+        }
+        self.clean_up().await;
+    }
+
+    /// Deletes what the test created, so a developer's broker and database do not fill up.
+    async fn clean_up(&self) {
+        let broker = &self.settings.broker;
+        for queue in [&broker.request_queue, &broker.dead_letter_queue] {
+            let _ = self.channel.queue_delete(queue.as_str().into(), Default::default()).await;
+        }
+        let _ = self.channel.exchange_delete(broker.events_exchange.as_str().into(), Default::default()).await;
+        let _ = self.db.clone().close().await;
+        let url = secrecy::ExposeSecret::expose_secret(&self.settings.database.url).to_owned();
+        if let Some((_, name)) = url.rsplit_once('/')
+            && let Ok(admin) = Database::connect(admin_database_url().as_str()).await
+        {
+            let _ = admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+            let _ = admin.close().await;
+        }
+    }
+}
+
+/// A chat completion whose answer is a call of `function` with `arguments`.
+pub fn tool_call_completion(function: &str, arguments: &str) -> Value {
+    json!({
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "fake-model",
+        "choices": [{
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": null,
+                "tool_calls": [{
+                    "id": format!("call_{}", Uuid::new_v4().simple()),
+                    "type": "function",
+                    "function": {"name": function, "arguments": arguments}
+                }]
+            },
+            "finish_reason": "tool_calls"
+        }],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
+    })
+}
+
+/// The fake LLM answers every call with `body`.
+pub async fn answer_always(llm: &MockServer, body: Value) {
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(body))
+        .mount(llm)
+        .await;
+}
+
+/// The fake LLM answers the next call with `body`, before any mock mounted later.
+pub async fn answer_once(llm: &MockServer, body: Value) {
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(body))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(llm)
+        .await;
+}
+
+fn init_test_logs() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        instructd::telemetry::init(&instructd::config::LogSettings {
+            format: instructd::config::LogFormat::Pretty,
+            level: "info,instructd=debug,sqlx=warn".to_owned(),
+        });
+    }
+}

@@ -1,0 +1,9 @@
+//! Integration tests against a real RabbitMQ and a real PostgreSQL on loopback (started
+//! by `scripts/services.sh`), with the LLM faked at the HTTP level by wiremock so that the
+//! real async-openai client, HTTP, retries and timeouts run.
+
+mod cli;
+mod dead_letters;
+mod generation;
+mod helpers;
+mod idempotency;
