@@ -189,11 +189,7 @@ impl Settings {
             "llm.job_timeout_secs",
             "must be at least llm.request_timeout_secs",
         )?;
-        ensure(
-            self.worker.job_lease_secs > self.llm.job_timeout_secs,
-            "worker.job_lease_secs",
-            "must exceed llm.job_timeout_secs, or a live job could be taken over",
-        )?;
+        ensure(self.worker.job_lease_secs >= 3, "worker.job_lease_secs", "must be at least 3")?;
         ensure((0.0..=2.0).contains(&self.llm.temperature), "llm.temperature", "must be between 0 and 2")?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| anyhow::anyhow!("log.level: not a valid filter ({e})"))?;

@@ -126,15 +126,24 @@ async fn run_session(worker: &Arc<Worker>, tracker: &TaskTracker, slots: &Arc<Se
         tokio::spawn(relay::run(worker.store.clone(), publisher.clone(), Duration::from_secs(5), session.clone()));
     let _stop_relay = session.clone().drop_guard();
 
+    // A dead publishing channel (the broker closed it, or its connection) ends the session
+    // too, so that events and dead letters get a fresh one.
+    let mut health = tokio::time::interval(Duration::from_secs(1));
     loop {
         let permit = tokio::select! {
             permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
             _ = worker.stop.cancelled() => break,
         };
-        let delivery = tokio::select! {
-            next = consumer.next() => next,
-            _ = worker.stop.cancelled() => break,
+        let delivery = loop {
+            tokio::select! {
+                next = consumer.next() => break Some(next),
+                _ = health.tick() => if !publisher.is_open() {
+                    anyhow::bail!("the publishing channel closed");
+                },
+                _ = worker.stop.cancelled() => break None,
+            }
         };
+        let Some(delivery) = delivery else { break };
         match delivery {
             Some(Ok(delivery)) => {
                 let worker = worker.clone();

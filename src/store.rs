@@ -126,6 +126,19 @@ impl Store {
         }
     }
 
+    /// Extends a running job's lease; `false` if `token` no longer holds the claim.
+    pub async fn renew_lease(&self, job_id: Uuid, token: Uuid, lease: Duration) -> Result<bool, DbErr> {
+        let result = self
+            .db
+            .execute_raw(stmt(
+                "UPDATE generation_job SET lease_expires_at = now() + make_interval(secs => $3), updated_at = now()
+                  WHERE job_id = $1 AND claim_token = $2 AND status = 'running'",
+                [job_id.into(), token.into(), lease.as_secs_f64().into()],
+            ))
+            .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
     /// Records a claimed job's outcome in one transaction: the entity row(s), the job row
     /// (only if `token` still holds the claim) and the completion event in the outbox.
     ///

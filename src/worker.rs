@@ -105,7 +105,13 @@ impl Worker {
             max_retries: job.max_retries,
             deadline: started + Duration::from_secs(self.settings.llm.job_timeout_secs),
         };
-        let generation = llm::generate(&self.llm, &self.settings.llm, prompt).await;
+        // The claim is a lease renewed while the job runs: a worker that dies stops renewing
+        // it, and a redelivered copy takes the job over soon after, not after a long fixed
+        // lease.
+        let generation = tokio::select! {
+            generation = llm::generate(&self.llm, &self.settings.llm, prompt) => generation,
+            never = self.renew_lease(job, token) => match never {},
+        };
         let record = job.record();
         let mut outcome = Outcome { result: generation.outcome.as_ref().map(|r| r.as_ref()), trace: &generation.trace };
         let stored = match self.with_db_retries(|| self.store.record_outcome(&record, token, &outcome)).await {
@@ -129,6 +135,19 @@ impl Worker {
             None => tracing::warn!("the job's lease expired and another worker took it over; dropping this result"),
         }
         Ok(stored)
+    }
+
+    /// Renews the job's lease every third of its length, for as long as it is polled.
+    async fn renew_lease(&self, job: &Job, token: uuid::Uuid) -> std::convert::Infallible {
+        let lease = Duration::from_secs(self.settings.worker.job_lease_secs);
+        loop {
+            tokio::time::sleep(lease / 3).await;
+            match self.store.renew_lease(job.id, token, lease).await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!("the job's claim was taken over; its result will be dropped"),
+                Err(error) => tracing::warn!(%error, "renewing the job's lease failed"),
+            }
+        }
     }
 
     /// A message that can never succeed: copy it to the DLQ with its reason (confirmed),

@@ -23,12 +23,12 @@ use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 /// Where the tests' Postgres role can create databases; overridable for other setups.
-fn admin_database_url() -> String {
+pub fn admin_database_url() -> String {
     std::env::var("INSTRUCTD_TEST_ADMIN_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://instructd:instructd@127.0.0.1:5432/postgres".to_owned())
 }
 
-fn broker_url() -> String {
+pub fn broker_url() -> String {
     std::env::var("INSTRUCTD_TEST_BROKER_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
@@ -49,8 +49,13 @@ pub struct TestApp {
 
 /// Settings for one test: fresh names, the fake LLM, fast retries.
 pub async fn test_settings(llm: &MockServer, database_url: &str) -> Settings {
+    Settings::load_from(None, test_env(llm, database_url)).expect("test settings are valid")
+}
+
+/// The environment that configures a daemon for one test (in-process or a child process).
+pub fn test_env(llm: &MockServer, database_url: &str) -> HashMap<String, String> {
     let suffix = Uuid::new_v4().simple().to_string();
-    let env: HashMap<String, String> = [
+    [
         ("INSTRUCTD__DATABASE__URL", database_url.to_owned()),
         ("INSTRUCTD__DATABASE__MAX_CONNECTIONS", "4".to_owned()),
         ("INSTRUCTD__BROKER__URL", broker_url()),
@@ -67,8 +72,7 @@ pub async fn test_settings(llm: &MockServer, database_url: &str) -> Settings {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    Settings::load_from(None, env).expect("test settings are valid")
+    .collect()
 }
 
 /// Creates an empty database and returns its URL.
@@ -217,9 +221,14 @@ impl TestApp {
 
     /// Ready messages left on the request queue.
     pub async fn queued_requests(&self) -> u32 {
+        self.message_count(&self.settings.broker.request_queue).await
+    }
+
+    /// Ready messages on `queue`.
+    pub async fn message_count(&self, queue: &str) -> u32 {
         self.channel
             .queue_declare(
-                self.settings.broker.request_queue.as_str().into(),
+                queue.into(),
                 QueueDeclareOptions { passive: true, ..Default::default() },
                 FieldTable::default(),
             )
@@ -279,6 +288,22 @@ impl TestApp {
             let _ = admin.close().await;
         }
     }
+}
+
+/// Polls `condition` every 50 ms for at most [`PATIENCE`]; whether it came to hold.
+pub async fn wait_for<F, Fut>(mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while tokio::time::Instant::now() < deadline {
+        if condition().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }
 
 /// A chat completion whose answer is a call of `function` with `arguments`.

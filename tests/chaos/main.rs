@@ -1,0 +1,11 @@
+//! The guarantees under real faults: the real `instructd` binary as a child process,
+//! killed with SIGKILL, drained with SIGTERM, cut off from RabbitMQ and Postgres. These
+//! tests restart the shared services, so they run alone, one at a time
+//! (`scripts/test.sh`). Every wait is a bounded poll on rows or events.
+
+#[allow(dead_code)]
+#[path = "../api/helpers.rs"]
+mod helpers;
+mod support;
+
+mod faults;

@@ -1,0 +1,198 @@
+//! A daemon as a child process, and polls on the database.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::process::Stdio;
+use std::time::Duration;
+
+use instructd::config::Settings;
+use instructd::contract::CompletionEvent;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
+use serde_json::json;
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::helpers::{broker_url, create_database, listen, test_env, tool_call_completion};
+
+/// One scenario: a database, names, a slow fake LLM, and the daemon's environment.
+pub struct Scenario {
+    pub env: HashMap<String, String>,
+    pub settings: Settings,
+    pub database_url: String,
+    /// Kept alive for the daemon to call.
+    _llm: MockServer,
+    pub channel: Channel,
+    pub events: Consumer,
+    _connection: Connection,
+    runs: u32,
+    name: &'static str,
+}
+
+impl Scenario {
+    /// `llm_delay` is how long each model call takes; `overrides` are extra settings.
+    pub async fn new(name: &'static str, llm_delay: Duration, overrides: &[(&str, &str)]) -> Self {
+        let llm = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(tool_call_completion("Hero", r#"{"name": "Chaos", "secret_name": "Monkey"}"#))
+                    .set_delay(llm_delay),
+            )
+            .mount(&llm)
+            .await;
+        let database_url = create_database().await;
+        let mut env = test_env(&llm, &database_url);
+        env.insert("INSTRUCTD__LOG__FORMAT".into(), "json".into());
+        env.insert("INSTRUCTD__WORKER__JOB_LEASE_SECS".into(), "3".into());
+        for (key, value) in overrides {
+            env.insert((*key).to_owned(), (*value).to_owned());
+        }
+        let settings = Settings::load_from(None, env.clone()).expect("valid settings");
+        let connection = Connection::connect(&broker_url(), ConnectionProperties::default()).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        instructd::broker::topology::declare(&channel, &settings.broker).await.unwrap();
+        let events = listen(&channel, &settings.broker.events_exchange, "#").await;
+        Self { env, settings, database_url, _llm: llm, channel, events, _connection: connection, runs: 0, name }
+    }
+
+    /// Starts `instructd run`; its logs go to `target/chaos-logs/<scenario>-<n>.log`.
+    pub fn start(&mut self) -> Child {
+        self.runs += 1;
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-logs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = std::fs::File::create(dir.join(format!("{}-{}.log", self.name, self.runs))).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_instructd"));
+        command.arg("run").env_remove("OPENAI_API_KEY").env_remove("INSTRUCTD_CONFIG");
+        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("INSTRUCTD__")) {
+            command.env_remove(key);
+        }
+        command
+            .envs(&self.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("instructd starts")
+    }
+
+    /// Publishes `n` hero requests; returns their job ids.
+    pub async fn enqueue(&self, n: usize) -> Vec<Uuid> {
+        let mut ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            let job_id = Uuid::new_v4();
+            let body =
+                json!({"job_id": job_id, "entity": "hero", "messages": [{"role": "user", "content": "Make a hero"}]});
+            self.channel
+                .basic_publish(
+                    "".into(),
+                    self.settings.broker.request_queue.as_str().into(),
+                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    &serde_json::to_vec(&body).unwrap(),
+                    BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            ids.push(job_id);
+        }
+        ids
+    }
+
+    /// Runs a counting query on a fresh connection (the pool may span a Postgres restart);
+    /// `None` while the database cannot answer.
+    pub async fn count(&self, sql: &str) -> Option<i64> {
+        let db = Database::connect(self.database_url.as_str()).await.ok()?;
+        let row = db.query_one_raw(Statement::from_string(DbBackend::Postgres, sql)).await.ok()??;
+        let count = row.try_get_by_index(0).ok();
+        let _ = db.close().await;
+        count
+    }
+
+    /// Waits until `sql` counts at least `at_least`, for at most `patience`.
+    pub async fn wait_for_count(&self, sql: &str, at_least: i64, patience: Duration) -> i64 {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let last = self.count(sql).await;
+            if let Some(n) = last.filter(|n| *n >= at_least) {
+                return n;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "`{sql}` stayed at {last:?}, below {at_least}, for {patience:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Reads events until every id in `ids` has one; returns (events read, distinct jobs).
+    pub async fn collect_events(&mut self, ids: &[Uuid], patience: Duration) -> (usize, usize) {
+        use futures_util::StreamExt;
+        let wanted: HashSet<Uuid> = ids.iter().copied().collect();
+        let mut seen = HashSet::new();
+        let mut total = 0;
+        let deadline = tokio::time::Instant::now() + patience;
+        while !wanted.is_subset(&seen) {
+            let next = tokio::time::timeout_at(deadline, self.events.next()).await;
+            let delivery = next
+                .unwrap_or_else(|_| panic!("only {} of {} jobs announced", seen.len(), wanted.len()))
+                .expect("the event consumer is open")
+                .expect("readable event");
+            let event: CompletionEvent = serde_json::from_slice(&delivery.data).unwrap();
+            total += 1;
+            seen.insert(event.job_id);
+        }
+        (total, seen.len())
+    }
+}
+
+/// Polls `condition` every 100 ms until it holds or `patience` runs out.
+pub async fn wait_until<F, Fut>(patience: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends a signal to a child process.
+pub fn signal(child: &Child, name: &str) {
+    let pid = child.id().expect("the child is running");
+    let status = std::process::Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+/// Runs `rabbitmqctl` with `args`, panicking on failure.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let output = std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
+    assert!(output.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The first PostgreSQL cluster, as `pg_ctlcluster` names it (`15 main`).
+pub fn pg_cluster() -> (String, String) {
+    let output = std::process::Command::new("pg_lsclusters").arg("--no-header").output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut fields = text.split_whitespace();
+    (fields.next().unwrap().to_owned(), fields.next().unwrap().to_owned())
+}
+
+pub const SUCCEEDED: &str = "SELECT count(*) FROM generation_job WHERE status = 'succeeded'";
+pub const ROWS: &str = "SELECT count(*) FROM hero";
+pub const STORED_JOBS: &str = "SELECT count(DISTINCT j.job_id) FROM generation_job j JOIN hero h ON h.id = j.record_id";
+pub const PENDING_EVENTS: &str = "SELECT count(*) FROM event_outbox WHERE published_at IS NULL";
