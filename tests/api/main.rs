@@ -7,3 +7,4 @@ mod dead_letters;
 mod generation;
 mod helpers;
 mod idempotency;
+mod retries;

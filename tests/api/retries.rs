@@ -1,0 +1,105 @@
+//! Transport retries (one policy, in `llm/retry.rs`) are separate from validation re-asks:
+//! they are not counted as attempts, and the model never sees a transport error.
+
+use std::time::Duration;
+
+use instructd::contract::ErrorKind;
+use serde_json::json;
+use wiremock::matchers::method;
+use wiremock::{Mock, ResponseTemplate};
+
+use crate::helpers::*;
+
+const GOOD: &str = r#"{"name": "Superman", "secret_name": "Clark Kent"}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_is_retried_after_its_retry_after_and_then_succeeds() {
+    let mut app = spawn_app().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("retry-after", "1")
+                .set_body_json(json!({"error": {"message": "Rate limit reached"}})),
+        )
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&app.llm)
+        .await;
+    answer_always(&app.llm, tool_call_completion("Hero", GOOD)).await;
+
+    app.publish(&request("hero", "Make a hero")).await;
+    let received = app.next_event().await;
+
+    assert_eq!(received.routing_key, "job.succeeded.hero");
+    assert_eq!(received.event.attempts, 1, "a transport retry is not a re-ask");
+    let requests = app.llm.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 2);
+    let calls = app.llm_requests().await;
+    assert_eq!(calls[0], calls[1], "the same call is sent again, with no error shown to the model");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_past_the_retry_budget_fail_the_job_with_kind_llm() {
+    let mut app = spawn_app().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503).set_body_string("upstream overloaded"))
+        .mount(&app.llm)
+        .await;
+
+    app.publish(&request("hero", "Make a hero")).await;
+    let received = app.next_event().await;
+
+    assert_eq!(received.routing_key, "job.failed.hero");
+    let error = received.event.error.unwrap();
+    assert_eq!(error.kind, ErrorKind::Llm);
+    assert!(error.message.contains("503") && error.message.contains("upstream overloaded"), "{}", error.message);
+    let attempts = app.settings.llm.transport_max_attempts as usize;
+    assert_eq!(app.llm_requests().await.len(), attempts, "bounded by llm.transport_max_attempts");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_times_out_is_retried() {
+    let llm = wiremock::MockServer::start().await;
+    let mut settings = test_settings(&llm, &create_database().await).await;
+    settings.llm.request_timeout_secs = 1;
+    let mut app = spawn_app_with(settings, llm).await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(tool_call_completion("Hero", GOOD))
+                .set_delay(Duration::from_secs(5)),
+        )
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&app.llm)
+        .await;
+    answer_always(&app.llm, tool_call_completion("Hero", GOOD)).await;
+
+    app.publish(&request("hero", "Make a hero")).await;
+    let received = app.next_event().await;
+
+    assert_eq!(received.routing_key, "job.succeeded.hero");
+    assert_eq!(app.llm_requests().await.len(), 2);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_fails_the_job_with_kind_refused_without_re_asking() {
+    let mut app = spawn_app().await;
+    let mut refusal = tool_call_completion("Hero", GOOD);
+    refusal["choices"][0]["message"] =
+        json!({"role": "assistant", "content": null, "refusal": "I can't help with that."});
+    answer_always(&app.llm, refusal).await;
+
+    app.publish(&request("hero", "Make a hero")).await;
+    let received = app.next_event().await;
+
+    assert_eq!(received.routing_key, "job.failed.hero");
+    let error = received.event.error.unwrap();
+    assert_eq!(error.kind, ErrorKind::Refused);
+    assert_eq!(error.message, "I can't help with that.");
+    assert_eq!(app.llm_requests().await.len(), 1);
+    app.stop().await;
+}
