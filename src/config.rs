@@ -77,7 +77,8 @@ pub struct LlmSettings {
     pub transport_max_elapsed_secs: u64,
     pub job_timeout_secs: u64,
     pub max_tokens: u32,
-    pub temperature: f32,
+    #[serde(default)]
+    pub temperature: Option<f32>,
 }
 
 impl LlmSettings {
@@ -190,7 +191,9 @@ impl Settings {
             "must be at least llm.request_timeout_secs",
         )?;
         ensure(self.worker.job_lease_secs >= 3, "worker.job_lease_secs", "must be at least 3")?;
-        ensure((0.0..=2.0).contains(&self.llm.temperature), "llm.temperature", "must be between 0 and 2")?;
+        if let Some(temperature) = self.llm.temperature {
+            ensure((0.0..=2.0).contains(&temperature), "llm.temperature", "must be between 0 and 2")?;
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| anyhow::anyhow!("log.level: not a valid filter ({e})"))?;
         Ok(())

@@ -51,7 +51,7 @@ impl ToolSpec {
         model: &str,
         messages: Vec<ChatCompletionRequestMessage>,
         max_tokens: u32,
-        temperature: f32,
+        temperature: Option<f32>,
     ) -> CreateChatCompletionRequest {
         CreateChatCompletionRequest {
             model: model.to_owned(),
@@ -68,7 +68,7 @@ impl ToolSpec {
                 function: FunctionName { name: self.name.clone() },
             })),
             max_completion_tokens: (max_tokens > 0).then_some(max_tokens),
-            temperature: Some(temperature),
+            temperature,
             ..Default::default()
         }
     }

@@ -68,6 +68,7 @@ async fn a_request_becomes_one_hero_row_a_succeeded_job_and_an_event() {
     assert_eq!(parameters["required"], json!(["name", "secret_name"]));
     assert_eq!(call["tool_choice"], json!({"type": "function", "function": {"name": "Hero"}}));
     assert_eq!(call["messages"], json!([{"role": "user", "content": "Make a new superhero"}]));
+    assert!(call.get("temperature").is_none(), "the provider's default temperature unless configured");
     app.stop().await;
 }
 
