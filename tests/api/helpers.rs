@@ -339,11 +339,16 @@ pub async fn answer_always(llm: &MockServer, body: Value) {
         .await;
 }
 
-/// The fake LLM answers the next call with `body`, before any mock mounted later.
+/// The fake LLM answers the next call with `body`, before any `answer_always` mock.
 pub async fn answer_once(llm: &MockServer, body: Value) {
+    respond_once(llm, ResponseTemplate::new(200).set_body_json(body)).await;
+}
+
+/// The fake LLM responds to the next call with `response`, before any `answer_always` mock.
+pub async fn respond_once(llm: &MockServer, response: ResponseTemplate) {
     Mock::given(method("POST"))
         .and(path("/v1/chat/completions"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(body))
+        .respond_with(response)
         .up_to_n_times(1)
         .with_priority(1)
         .mount(llm)

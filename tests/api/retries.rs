@@ -15,16 +15,10 @@ const GOOD: &str = r#"{"name": "Superman", "secret_name": "Clark Kent"}"#;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_is_retried_after_its_retry_after_and_then_succeeds() {
     let mut app = spawn_app().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(429)
-                .insert_header("retry-after", "1")
-                .set_body_json(json!({"error": {"message": "Rate limit reached"}})),
-        )
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&app.llm)
-        .await;
+    let rate_limited = ResponseTemplate::new(429)
+        .insert_header("retry-after", "1")
+        .set_body_json(json!({"error": {"message": "Rate limit reached"}}));
+    respond_once(&app.llm, rate_limited).await;
     answer_always(&app.llm, tool_call_completion("Hero", GOOD)).await;
 
     app.publish(&request("hero", "Make a hero")).await;
@@ -65,16 +59,9 @@ async fn a_call_that_times_out_is_retried() {
     let mut settings = test_settings(&llm, &create_database().await).await;
     settings.llm.request_timeout_secs = 1;
     let mut app = spawn_app_with(settings, llm).await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(tool_call_completion("Hero", GOOD))
-                .set_delay(Duration::from_secs(5)),
-        )
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&app.llm)
-        .await;
+    let too_slow =
+        ResponseTemplate::new(200).set_body_json(tool_call_completion("Hero", GOOD)).set_delay(Duration::from_secs(5));
+    respond_once(&app.llm, too_slow).await;
     answer_always(&app.llm, tool_call_completion("Hero", GOOD)).await;
 
     app.publish(&request("hero", "Make a hero")).await;
