@@ -129,21 +129,20 @@ async fn run_session(worker: &Arc<Worker>, tracker: &TaskTracker, slots: &Arc<Se
     // A dead publishing channel (the broker closed it, or its connection) ends the session
     // too, so that events and dead letters get a fresh one.
     let mut health = tokio::time::interval(Duration::from_secs(1));
-    loop {
+    'consume: loop {
         let permit = tokio::select! {
             permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
             _ = worker.stop.cancelled() => break,
         };
         let delivery = loop {
             tokio::select! {
-                next = consumer.next() => break Some(next),
+                next = consumer.next() => break next,
                 _ = health.tick() => if !publisher.is_open() {
                     anyhow::bail!("the publishing channel closed");
                 },
-                _ = worker.stop.cancelled() => break None,
+                _ = worker.stop.cancelled() => break 'consume,
             }
         };
-        let Some(delivery) = delivery else { break };
         match delivery {
             Some(Ok(delivery)) => {
                 let worker = worker.clone();
