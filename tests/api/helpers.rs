@@ -291,19 +291,30 @@ impl TestApp {
 }
 
 /// Polls `condition` every 50 ms for at most [`PATIENCE`]; whether it came to hold.
-pub async fn wait_for<F, Fut>(mut condition: F) -> bool
+pub async fn wait_for<F, Fut>(condition: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while tokio::time::Instant::now() < deadline {
+    wait_until(PATIENCE, condition).await
+}
+
+/// Polls `condition` every 50 ms for at most `patience`; whether it came to hold.
+pub async fn wait_until<F, Fut>(patience: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
         if condition().await {
             return true;
         }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    false
 }
 
 /// A chat completion whose answer is a call of `function` with `arguments`.

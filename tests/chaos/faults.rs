@@ -6,11 +6,6 @@ use crate::support::*;
 
 const LONG: Duration = Duration::from_secs(240);
 
-/// Exits within `patience` and returns whether it exited 0.
-async fn exit_status(child: &mut tokio::process::Child, patience: Duration) -> bool {
-    tokio::time::timeout(patience, child.wait()).await.expect("the daemon exits in time").unwrap().success()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_run_loses_nothing_and_doubles_nothing() {
     let mut scenario =
@@ -30,8 +25,7 @@ async fn kill_9_mid_run_loses_nothing_and_doubles_nothing() {
     let mut daemon = scenario.start();
     scenario.wait_for_count(SUCCEEDED, jobs as i64, LONG).await;
     let (events, announced) = scenario.collect_events(&ids, LONG).await;
-    signal(&daemon, "TERM");
-    assert!(exit_status(&mut daemon, Duration::from_secs(30)).await);
+    stop_gracefully(&mut daemon, Duration::from_secs(30)).await;
 
     let rows = scenario.count(ROWS).await.unwrap();
     let stored = scenario.count(STORED_JOBS).await.unwrap();
@@ -56,21 +50,15 @@ async fn sigterm_drains_in_flight_jobs_and_exits_zero() {
     let ids = scenario.enqueue(8).await;
     scenario.wait_for_count("SELECT count(*) FROM generation_job WHERE status = 'running'", 8, LONG).await;
 
-    signal(&daemon, "TERM");
-
-    assert!(exit_status(&mut daemon, Duration::from_secs(20)).await, "exit 0 within the grace period");
+    // Exit 0 within the grace period.
+    stop_gracefully(&mut daemon, Duration::from_secs(20)).await;
     assert_eq!(scenario.count(SUCCEEDED).await, Some(8), "in-flight jobs finished");
     assert_eq!(scenario.count(ROWS).await, Some(8));
     assert_eq!(scenario.count(PENDING_EVENTS).await, Some(0), "the outbox was flushed");
     let (_, announced) = scenario.collect_events(&ids, Duration::from_secs(10)).await;
     assert_eq!(announced, 8);
-    let requests = rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name", "messages"]);
-    let left = requests
-        .lines()
-        .find(|line| line.starts_with(&scenario.settings.broker.request_queue))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .unwrap();
-    assert_eq!(left, "0", "nothing left to redeliver: every job was acked");
+    let left = rabbitmq_listing("list_queues", "name", "messages", &scenario.settings.broker.request_queue);
+    assert_eq!(left.as_deref(), Some("0"), "nothing left to redeliver: every job was acked");
 }
 
 /// A memory alarm blocks publishing; the daemon is killed while its event is stuck, after
@@ -105,8 +93,7 @@ async fn an_event_stuck_behind_a_memory_alarm_is_sent_after_a_crash() {
         "the relayed event is marked published"
     );
     assert_eq!(scenario.count(ROWS).await, Some(1));
-    signal(&daemon, "TERM");
-    assert!(exit_status(&mut daemon, Duration::from_secs(30)).await);
+    stop_gracefully(&mut daemon, Duration::from_secs(30)).await;
 }
 
 /// The broker closes the daemon's connections mid-run: it reconnects, re-declares, resumes
@@ -134,15 +121,11 @@ async fn connections_closed_by_the_broker_are_reopened() {
     let (_, announced) = scenario.collect_events(&ids, LONG).await;
     assert_eq!(announced, 80);
     assert_eq!(scenario.count(ROWS).await, Some(80));
-    let consumers = rabbitmqctl(&["list_consumers", "-q", "--no-table-headers", "queue_name", "prefetch_count"]);
-    let prefetch = consumers
-        .lines()
-        .find(|line| line.starts_with(&scenario.settings.broker.request_queue))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .expect("the daemon consumes again");
+    let prefetch =
+        rabbitmq_listing("list_consumers", "queue_name", "prefetch_count", &scenario.settings.broker.request_queue)
+            .expect("the daemon consumes again");
     assert_eq!(prefetch, "8", "prefetch is back in force after the reconnect");
-    signal(&daemon, "TERM");
-    assert!(exit_status(&mut daemon, Duration::from_secs(30)).await);
+    stop_gracefully(&mut daemon, Duration::from_secs(30)).await;
 }
 
 /// RabbitMQ stops and starts mid-run: all jobs still finish, none doubled, every event
@@ -165,8 +148,7 @@ async fn a_broker_restart_pauses_work_without_losing_it() {
         wait_until(LONG, || async { scenario.count(PENDING_EVENTS).await == Some(0) }).await,
         "every event was eventually confirmed by the broker"
     );
-    signal(&daemon, "TERM");
-    assert!(exit_status(&mut daemon, Duration::from_secs(30)).await);
+    stop_gracefully(&mut daemon, Duration::from_secs(30)).await;
 }
 
 /// Postgres restarts mid-run: jobs wait and retry, nothing is dead-lettered or doubled.
@@ -186,13 +168,7 @@ async fn a_postgres_restart_pauses_work_without_losing_it() {
     let (_, announced) = scenario.collect_events(&ids, LONG).await;
     assert_eq!(announced, 60);
     assert_eq!(scenario.count(ROWS).await, Some(60));
-    let dead = rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name", "messages"]);
-    let dead_letters = dead
-        .lines()
-        .find(|line| line.starts_with(&scenario.settings.broker.dead_letter_queue))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .unwrap();
-    assert_eq!(dead_letters, "0", "an outage never dead-letters a job");
-    signal(&daemon, "TERM");
-    assert!(exit_status(&mut daemon, Duration::from_secs(30)).await);
+    let dead_letters = rabbitmq_listing("list_queues", "name", "messages", &scenario.settings.broker.dead_letter_queue);
+    assert_eq!(dead_letters.as_deref(), Some("0"), "an outage never dead-letters a job");
+    stop_gracefully(&mut daemon, Duration::from_secs(30)).await;
 }

@@ -1,7 +1,6 @@
 //! A daemon as a child process, and polls on the database.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use uuid::Uuid;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
+pub use crate::helpers::wait_until;
 use crate::helpers::{broker_url, create_database, listen, test_env, tool_call_completion};
 
 /// One scenario: a database, names, a slow fake LLM, and the daemon's environment.
@@ -152,24 +152,6 @@ impl Scenario {
     }
 }
 
-/// Polls `condition` every 100 ms until it holds or `patience` runs out.
-pub async fn wait_until<F, Fut>(patience: Duration, mut condition: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + patience;
-    loop {
-        if condition().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Sends a signal to a child process.
 pub fn signal(child: &Child, name: &str) {
     let pid = child.id().expect("the child is running");
@@ -182,6 +164,23 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
     let output = std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
     assert!(output.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The value `rabbitmqctl <listing> -q --no-table-headers <name column> <column>` shows for
+/// the row named `name` (e.g. a queue's `messages`), if there is such a row.
+pub fn rabbitmq_listing(listing: &str, name_column: &str, column: &str, name: &str) -> Option<String> {
+    let table = rabbitmqctl(&[listing, "-q", "--no-table-headers", name_column, column]);
+    table.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        (fields.next() == Some(name)).then(|| fields.next().unwrap_or_default().to_owned())
+    })
+}
+
+/// Sends SIGTERM and asserts the daemon exits 0 within `patience`.
+pub async fn stop_gracefully(daemon: &mut Child, patience: Duration) {
+    signal(daemon, "TERM");
+    let status = tokio::time::timeout(patience, daemon.wait()).await.expect("the daemon exits in time").unwrap();
+    assert!(status.success(), "the daemon exits 0 on SIGTERM: {status}");
 }
 
 /// The first PostgreSQL cluster, as `pg_ctlcluster` names it (`15 main`).
