@@ -40,6 +40,7 @@ pub struct BrokerSettings {
     pub delivery_limit: u32,
     pub connect_timeout_secs: u64,
     pub reconnect_max_delay_secs: u64,
+    pub max_disconnected_secs: u64,
     pub max_message_bytes: usize,
 }
 
@@ -175,6 +176,7 @@ impl Settings {
             ensure(!name.trim().is_empty(), key, "must not be empty")?;
         }
         ensure(self.broker.delivery_limit >= 1, "broker.delivery_limit", "must be at least 1")?;
+        ensure(self.broker.max_disconnected_secs >= 1, "broker.max_disconnected_secs", "must be at least 1")?;
         ensure(self.broker.max_message_bytes >= 1024, "broker.max_message_bytes", "must be at least 1024")?;
         ensure(self.database.max_connections >= 1, "database.max_connections", "must be at least 1")?;
         ensure(self.worker.concurrency >= 1, "worker.concurrency", "must be at least 1")?;

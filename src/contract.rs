@@ -79,6 +79,21 @@ pub struct JobError {
     pub message: String,
 }
 
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 5] = [Self::InvalidRequest, Self::Validation, Self::Refused, Self::Llm, Self::Internal];
+
+    /// The kind as it is spelled in events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "invalid_request",
+            Self::Validation => "validation",
+            Self::Refused => "refused",
+            Self::Llm => "llm",
+            Self::Internal => "internal",
+        }
+    }
+}
+
 impl JobError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self { kind, message: message.into() }

@@ -24,6 +24,9 @@ pub struct Job {
     pub max_retries: u32,
     pub correlation_id: String,
     pub reply_to: Option<String>,
+    /// How many times the broker delivered this message before without it being settled
+    /// (the quorum queue's `x-delivery-count`): workers died or lost their connection.
+    pub previous_deliveries: u64,
 }
 
 /// A message that can never succeed, with what could still be read of it.
@@ -145,7 +148,24 @@ pub fn decode(
         metadata: request.metadata.clone().unwrap_or(Value::Null),
         correlation_id: correlation.unwrap_or_else(|| job_id.to_string()),
         reply_to,
+        previous_deliveries: delivery_count(properties),
         raw,
         request,
     })
+}
+
+/// The quorum queue's `x-delivery-count` header (absent on a first delivery).
+fn delivery_count(properties: &BasicProperties) -> u64 {
+    use lapin::types::AMQPValue;
+    let value = properties.headers().as_ref().and_then(|headers| headers.inner().get("x-delivery-count").cloned());
+    match value {
+        Some(AMQPValue::LongLongInt(n)) => n.max(0) as u64,
+        Some(AMQPValue::LongInt(n)) => n.max(0) as u64,
+        Some(AMQPValue::ShortInt(n)) => n.max(0) as u64,
+        Some(AMQPValue::LongUInt(n)) => n.into(),
+        Some(AMQPValue::ShortUInt(n)) => n.into(),
+        Some(AMQPValue::ShortShortInt(n)) => n.max(0) as u64,
+        Some(AMQPValue::ShortShortUInt(n)) => n.into(),
+        _ => 0,
+    }
 }

@@ -53,15 +53,8 @@ fn parse_json(text: &str) -> Result<Value, String> {
     serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))
 }
 
-/// Publishes the request; with `--wait` prints the completion event. Returns whether the
-/// job succeeded (always `true` without `--wait`).
-pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<bool> {
-    let connection = connection::connect(&settings.broker, "enqueue").await?;
-    let channel = connection.create_channel().await?;
-    topology::declare(&channel, &settings.broker).await.context("declaring the topology failed")?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
-
-    let job_id = args.job_id.unwrap_or_else(Uuid::new_v4);
+/// The request body `args` describe, as the contract shapes it.
+pub fn request_body(args: &EnqueueArgs, job_id: Uuid) -> Value {
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
         messages.push(json!({"role": "system", "content": system}));
@@ -77,6 +70,19 @@ pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<b
     if let Some(metadata) = &args.metadata {
         request["metadata"] = metadata.clone();
     }
+    request
+}
+
+/// Publishes the request; with `--wait` prints the completion event. Returns whether the
+/// job succeeded (always `true` without `--wait`).
+pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<bool> {
+    let connection = connection::connect(&settings.broker, "enqueue").await?;
+    let channel = connection.create_channel().await?;
+    topology::declare(&channel, &settings.broker).await.context("declaring the topology failed")?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+
+    let job_id = args.job_id.unwrap_or_else(Uuid::new_v4);
+    let request = request_body(&args, job_id);
 
     let mut properties = json_properties().with_message_id(short(&job_id.to_string()));
     // Declared before publishing, so the event cannot arrive before anyone listens.

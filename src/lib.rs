@@ -29,6 +29,8 @@
 //! - [`store`] — claims, outcomes and the outbox in Postgres.
 //! - [`relay`] — the outbox relay.
 //! - [`startup`] — build and run: supervisor, consumer loop, drain.
+//! - [`http`] — `/healthz`, `/readyz`, `/metrics`.
+//! - [`metrics`] — every exported metric, named and described in one place.
 //! - [`shutdown`] — signals.
 //! - [`enqueue`] — the `instructd enqueue` client.
 
@@ -41,7 +43,9 @@ pub mod contract;
 pub mod decode;
 pub mod enqueue;
 pub mod entities;
+pub mod http;
 pub mod llm;
+pub mod metrics;
 pub mod relay;
 pub mod shutdown;
 pub mod startup;

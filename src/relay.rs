@@ -1,14 +1,18 @@
-//! The outbox relay: publishes completion events that were committed but not confirmed
-//! (the process died between commit and publish, the broker was down, …). Rows are
-//! claimed with `FOR UPDATE SKIP LOCKED`, so several workers can relay at once without
-//! sending the same event twice, and marked only after the broker's confirm.
+//! Delivering outboxed completion events, and the relay that delivers what was committed
+//! but not confirmed (the process died between commit and publish, the broker was down,
+//! no queue was bound for the event, …). Rows are claimed with `FOR UPDATE SKIP LOCKED`,
+//! so several workers can relay at once without sending the same event twice, and marked
+//! only after the broker's confirm.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, TransactionTrait};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, TransactionTrait, Value as DbValue};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Publisher;
+use crate::broker::{PublishError, Publisher};
+use crate::metrics;
+use crate::store::OutboxEvent;
 use crate::store::{Store, outbox_event_from_row};
 
 /// Events younger than this are left to the worker that wrote them (it publishes right
@@ -16,9 +20,63 @@ use crate::store::{Store, outbox_event_from_row};
 pub const HANDOFF_AGE: Duration = Duration::from_secs(10);
 const BATCH: i64 = 100;
 
+/// Why an event is still pending.
+#[derive(Debug, thiserror::Error)]
+pub enum Undelivered {
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error("the outbox could not be updated: {0}")]
+    Database(#[from] DbErr),
+}
+
+/// Delivers one outboxed event: first the requester's copy (when the request had a
+/// `reply_to`), then the mandatory copy to the events exchange; marks the event published
+/// once the broker confirmed and routed the latter. An event that could not be routed is
+/// backed off (5 s doubling to 5 min) and stays pending; its reply copy is not sent again.
+///
+/// `db` is the relay's transaction (which holds the row lock) or the pool.
+pub async fn deliver(db: &impl ConnectionTrait, publisher: &Publisher, event: &OutboxEvent) -> Result<(), Undelivered> {
+    if let Some(reply_to) = &event.reply_to {
+        publisher.publish_reply(event, reply_to).await?;
+        // The requester has its copy: later tries (if the exchange copy is returned) must
+        // not send it again.
+        db.execute_raw(stmt("UPDATE event_outbox SET reply_to = NULL WHERE event_id = $1", [event.event_id.into()]))
+            .await?;
+    }
+    match publisher.publish_event(event).await {
+        Ok(()) => {
+            db.execute_raw(stmt(
+                "UPDATE event_outbox SET published_at = now(), last_error = NULL
+                  WHERE event_id = $1 AND published_at IS NULL",
+                [event.event_id.into()],
+            ))
+            .await?;
+            Ok(())
+        }
+        Err(error @ PublishError::Returned(_)) => {
+            db.execute_raw(stmt(
+                "UPDATE event_outbox
+                    SET attempts = attempts + 1,
+                        next_attempt_at = now() + make_interval(secs => least(300, 5 * power(2, least(attempts, 10)))),
+                        last_error = $2
+                  WHERE event_id = $1",
+                [event.event_id.into(), error.to_string().into()],
+            ))
+            .await?;
+            Err(error.into())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
 /// Relays pending events every `interval` until `stop` is cancelled.
+/// Also keeps the outbox backlog metric current.
 pub async fn run(store: Store, publisher: Publisher, interval: Duration, stop: CancellationToken) {
     loop {
+        match count_pending(&store).await {
+            Ok(pending) => metrics::outbox_pending(pending),
+            Err(error) => tracing::debug!(%error, "counting pending events failed"),
+        }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = stop.cancelled() => return,
@@ -29,17 +87,18 @@ pub async fn run(store: Store, publisher: Publisher, interval: Duration, stop: C
     }
 }
 
-/// Publishes pending events at least `min_age` old, in batches, until none is left or a
-/// publish fails. Returns how many were published.
+/// Publishes the pending events that are at least `min_age` old and due, in batches,
+/// until none is left or the broker fails. Returns how many were published.
 pub async fn relay_pending(store: &Store, publisher: &Publisher, min_age: Duration) -> Result<usize, DbErr> {
     let mut published = 0;
+    let mut unroutable = BTreeSet::new();
     loop {
         let txn = store.db().begin().await?;
         let rows = txn
-            .query_all_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
+            .query_all_raw(stmt(
                 "SELECT event_id, routing_key, correlation_id, reply_to, payload FROM event_outbox
                   WHERE published_at IS NULL AND created_at <= now() - make_interval(secs => $1)
+                    AND (next_attempt_at IS NULL OR next_attempt_at <= now())
                   ORDER BY created_at LIMIT $2
                   FOR UPDATE SKIP LOCKED",
                 [min_age.as_secs_f64().into(), BATCH.into()],
@@ -48,25 +107,47 @@ pub async fn relay_pending(store: &Store, publisher: &Publisher, min_age: Durati
         let batch = rows.len();
         for row in &rows {
             let event = outbox_event_from_row(row)?;
-            if let Err(error) = publisher.publish_event(&event).await {
-                tracing::warn!(%error, "relay could not publish; will retry");
-                txn.commit().await?;
-                return Ok(published);
+            match deliver(&txn, publisher, &event).await {
+                Ok(()) => published += 1,
+                Err(Undelivered::Publish(PublishError::Returned(_))) => {
+                    unroutable.insert(event.routing_key);
+                }
+                Err(Undelivered::Database(error)) => return Err(error),
+                Err(Undelivered::Publish(error)) => {
+                    tracing::warn!(%error, "relay could not publish; will retry");
+                    txn.commit().await?;
+                    return Ok(published);
+                }
             }
-            txn.execute_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                "UPDATE event_outbox SET published_at = now() WHERE event_id = $1",
-                [event.event_id.into()],
-            ))
-            .await?;
-            published += 1;
         }
         txn.commit().await?;
-        if published > 0 {
-            tracing::info!(published, "outbox relay published pending events");
-        }
         if (batch as i64) < BATCH {
-            return Ok(published);
+            break;
         }
     }
+    if published > 0 {
+        tracing::info!(published, "outbox relay published pending events");
+    }
+    if !unroutable.is_empty() {
+        tracing::warn!(
+            routing_keys = ?unroutable,
+            "events could not be routed: no queue is bound to the events exchange for them; \
+             they stay pending and are retried with backoff"
+        );
+    }
+    Ok(published)
+}
+
+/// Events committed but not yet confirmed.
+pub async fn count_pending(store: &Store) -> Result<u64, DbErr> {
+    let row = store
+        .db()
+        .query_one_raw(stmt("SELECT count(*) AS pending FROM event_outbox WHERE published_at IS NULL", []))
+        .await?;
+    let pending: i64 = row.map(|row| row.try_get("", "pending")).transpose()?.unwrap_or(0);
+    Ok(pending.max(0) as u64)
+}
+
+fn stmt(sql: &str, values: impl IntoIterator<Item = DbValue>) -> Statement {
+    Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
 }

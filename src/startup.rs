@@ -1,18 +1,21 @@
 //! Wiring: [`Application::build`] does everything fallible at start-up (settings are given,
 //! so tests can change them); [`Application::run_until_stopped`] owns the tasks: a
-//! supervisor that (re)connects to RabbitMQ, the consumer loop, the outbox relay, and the
-//! drain on shutdown.
+//! supervisor that (re)connects to RabbitMQ, the consumer loop, the outbox relay, the HTTP
+//! endpoint, and the drain on shutdown.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::options::BasicCancelOptions;
+use metrics_exporter_prometheus::PrometheusHandle;
 use migration::MigratorTrait;
 use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,13 +23,18 @@ use tokio_util::task::TaskTracker;
 use crate::broker::{Publisher, connection, consumer, topology};
 use crate::config::{Settings, redacted_url};
 use crate::entities::Registry;
+use crate::http::Health;
 use crate::llm::LlmClient;
-use crate::relay;
 use crate::store::Store;
 use crate::worker::Worker;
+use crate::{http, metrics, relay};
 
 pub struct Application {
     worker: Arc<Worker>,
+    health: Arc<Health>,
+    listener: TcpListener,
+    http_addr: SocketAddr,
+    metrics: PrometheusHandle,
 }
 
 /// Connects to Postgres (without logging SQL, which could carry request contents).
@@ -48,30 +56,60 @@ pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
 }
 
 impl Application {
-    /// Connects to the database, migrates it if configured, and builds the LLM client.
+    /// Binds the HTTP endpoint, connects to the database, migrates it if configured, and
+    /// builds the LLM client.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let listener = http::bind(settings.http.listen).await?;
+        let http_addr = listener.local_addr()?;
         let db = connect_database(&settings).await?;
         if settings.database.migrate_on_start {
             migrate(&db).await?;
         }
         let llm = LlmClient::new(&settings.llm)?;
+        let registry = Registry::builtin();
+        let metrics = metrics::install(registry.names());
+        // Every job makes at most one call at a time, so the jobs' bound is the calls' bound.
+        metrics::llm_concurrency_limit(settings.worker.concurrency.into());
+        let stop = CancellationToken::new();
+        let max_disconnected = Duration::from_secs(settings.broker.max_disconnected_secs);
+        let health = Arc::new(Health::new(db.clone(), max_disconnected, stop.clone()));
         let worker = Worker {
             settings: Arc::new(settings),
-            registry: Registry::builtin(),
+            registry,
             store: Store::new(db),
             llm,
-            stop: CancellationToken::new(),
+            stop,
             abort: CancellationToken::new(),
         };
-        Ok(Self { worker: Arc::new(worker) })
+        Ok(Self { worker: Arc::new(worker), health, listener, http_addr, metrics })
+    }
+
+    /// Where `/healthz`, `/readyz` and `/metrics` are served (`http.listen`, with the port
+    /// the system chose when it was 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
     }
 
     /// Consumes requests until `shutdown` resolves, then stops taking jobs, lets in-flight
     /// ones finish within `worker.shutdown_grace_secs`, flushes the outbox and returns.
     /// Broker outages do not end it: it reconnects with backoff.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let worker = self.worker;
+        let Self { worker, health, listener, http_addr, metrics } = self;
         let stop = worker.stop.clone();
+        // The endpoint outlives the drain, so that /readyz says "draining" meanwhile.
+        let http_stop = CancellationToken::new();
+        tracing::info!(%http_addr, "serving /healthz, /readyz and /metrics");
+        let http = tokio::spawn(http::serve(listener, health.clone(), metrics.clone(), http_stop.clone()));
+        tokio::spawn({
+            // Folds recorded histogram samples into buckets even when nobody scrapes.
+            let http_stop = http_stop.clone();
+            async move {
+                let mut upkeep = tokio::time::interval(Duration::from_secs(5));
+                while tokio::select! { _ = upkeep.tick() => true, _ = http_stop.cancelled() => false } {
+                    metrics.run_upkeep();
+                }
+            }
+        });
         tokio::spawn({
             let stop = stop.clone();
             async move {
@@ -84,7 +122,9 @@ impl Application {
         let max_delay = Duration::from_secs(worker.settings.broker.reconnect_max_delay_secs);
         let mut delay = Duration::from_millis(500);
         while !stop.is_cancelled() {
-            match run_session(&worker, &tracker, &slots).await {
+            let session = run_session(&worker, &health, &tracker, &slots).await;
+            health.set_broker_connected(false);
+            match session {
                 Ok(()) => delay = Duration::from_millis(500),
                 Err(error) => {
                     tracing::error!(error = format!("{error:#}"), retry_in = ?delay, "broker session ended; reconnecting");
@@ -97,6 +137,8 @@ impl Application {
             }
         }
         drain(&worker, &tracker).await;
+        http_stop.cancel();
+        let _ = http.await;
         tracing::info!("stopped");
         Ok(())
     }
@@ -105,7 +147,12 @@ impl Application {
 /// One connection's worth of work: declare, consume, relay — until the connection fails
 /// (error) or a shutdown is requested (then in-flight jobs drain while the connections are
 /// still open, so they can ack and announce).
-async fn run_session(worker: &Arc<Worker>, tracker: &TaskTracker, slots: &Arc<Semaphore>) -> anyhow::Result<()> {
+async fn run_session(
+    worker: &Arc<Worker>,
+    health: &Health,
+    tracker: &TaskTracker,
+    slots: &Arc<Semaphore>,
+) -> anyhow::Result<()> {
     let settings = &worker.settings;
     let consume_connection = connection::connect(&settings.broker, "consumer").await?;
     let publish_connection = connection::connect(&settings.broker, "publisher").await?;
@@ -121,6 +168,7 @@ async fn run_session(worker: &Arc<Worker>, tracker: &TaskTracker, slots: &Arc<Se
         concurrency = settings.worker.concurrency,
         "consuming requests"
     );
+    health.set_broker_connected(true);
     let session = worker.stop.child_token();
     let relay =
         tokio::spawn(relay::run(worker.store.clone(), publisher.clone(), Duration::from_secs(5), session.clone()));

@@ -253,17 +253,6 @@ impl Store {
         txn.commit().await?;
         Ok(Some(event))
     }
-
-    /// Marks an event published, after the broker confirmed it.
-    pub async fn mark_published(&self, event_id: Uuid) -> Result<(), DbErr> {
-        self.db
-            .execute_raw(stmt(
-                "UPDATE event_outbox SET published_at = now() WHERE event_id = $1 AND published_at IS NULL",
-                [event_id.into()],
-            ))
-            .await?;
-        Ok(())
-    }
 }
 
 async fn insert_event(

@@ -12,12 +12,14 @@ use sea_orm::DbErr;
 use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
 
-use crate::broker::Publisher;
+use crate::broker::{PublishError, Publisher};
 use crate::config::Settings;
 use crate::contract::{ErrorKind, JobError};
 use crate::decode::{Job, Rejection, decode};
 use crate::entities::Registry;
 use crate::llm::{self, LlmClient, generate::Prompt};
+use crate::metrics;
+use crate::relay::{self, Undelivered};
 use crate::store::{Claim, OutboxEvent, Outcome, Store, is_transient};
 
 /// Everything a job needs, shared by all jobs of the process.
@@ -47,6 +49,7 @@ impl Worker {
     /// committed, or dead-lettered), or a requeue for redelivery (shutdown, outage).
     #[tracing::instrument(name = "job", skip_all, fields(job_id = Empty, entity = Empty, attempt = Empty, redelivered = delivery.redelivered))]
     pub async fn run_job(&self, delivery: Delivery, publisher: &Publisher) {
+        let _in_flight = metrics::InFlight::start();
         let job = match decode(&delivery.data, &delivery.properties, &self.registry, &self.settings) {
             Ok(job) => job,
             Err(rejection) => return self.dead_letter(delivery, *rejection, publisher).await,
@@ -55,9 +58,73 @@ impl Worker {
         span.record("job_id", tracing::field::display(job.id));
         span.record("entity", job.kind.name());
 
-        match self.settle(&job).await {
+        if job.previous_deliveries >= u64::from(self.settings.broker.delivery_limit) {
+            return self.give_up(delivery, &job, publisher).await;
+        }
+        self.finish(delivery, &job, publisher).await
+    }
+
+    /// Settles the job, then acks (outcome committed) or requeues (shutdown, outage).
+    async fn finish(&self, delivery: Delivery, job: &Job, publisher: &Publisher) {
+        match self.settle(job).await {
             Ok(event) => {
                 // The outcome is committed: only now may the request leave the queue.
+                acknowledge(&delivery).await;
+                if let Some(event) = event {
+                    self.announce(publisher, &event).await;
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "job left for redelivery");
+                requeue(&delivery).await;
+            }
+        }
+    }
+
+    /// The broker's last allowed delivery of a message whose earlier deliveries all ended
+    /// without an outcome (their workers died or were cut off): rather than risk another
+    /// crash, and the broker then dead-lettering it without a word, fail the job with kind
+    /// `internal`, copy the message to the dead-letter queue with the reason, and announce
+    /// the failure. Only if nobody holds a live claim on the job: a job that is running or
+    /// finished elsewhere takes the normal path.
+    async fn give_up(&self, delivery: Delivery, job: &Job, publisher: &Publisher) {
+        let record = job.record();
+        let lease = Duration::from_secs(self.settings.worker.job_lease_secs);
+        let token = loop {
+            match self.with_db_retries(|| self.store.claim_job(&record, lease)).await {
+                Ok(Claim::Acquired { token }) => break token,
+                Ok(Claim::Finished) => return self.finish(delivery, job, publisher).await,
+                // The last holder may be alive (cut off from the broker, still working):
+                // wait for it to finish or for its lease to run out.
+                Ok(Claim::Busy { .. }) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = self.stop.cancelled() => return requeue(&delivery).await,
+                    }
+                }
+                Err(reason) => {
+                    tracing::warn!(%reason, "job left for redelivery");
+                    return requeue(&delivery).await;
+                }
+            }
+        };
+        let reason = format!(
+            "delivered {} times without finishing (broker.delivery_limit is {}): it may be crashing or stalling \
+             workers; not tried again",
+            job.previous_deliveries + 1,
+            self.settings.broker.delivery_limit
+        );
+        tracing::error!(%reason, "giving up on a job");
+        if let Err(error) = publisher.dead_letter(&delivery.data, &delivery.properties, &reason).await {
+            tracing::error!(%error, "cannot dead-letter the message; leaving it for redelivery");
+            return requeue(&delivery).await;
+        }
+        metrics::dead_lettered_poison(job.kind.name());
+        let failure = JobError::new(ErrorKind::Internal, reason);
+        let trace = llm::CallTrace::default();
+        let outcome = Outcome { result: Err(&failure), trace: &trace };
+        match self.with_db_retries(|| self.store.record_outcome(&record, token, &outcome)).await {
+            Ok(event) => {
                 acknowledge(&delivery).await;
                 if let Some(event) = event {
                     self.announce(publisher, &event).await;
@@ -125,6 +192,10 @@ impl Worker {
             }
             other => other?,
         };
+        if stored.is_some() {
+            let outcome = generation.outcome.as_ref().map(|_| ()).map_err(|error| error.kind);
+            metrics::job_finished(job.kind.name(), outcome, started.elapsed());
+        }
         match &stored {
             Some(_) => match &generation.outcome {
                 Ok(_) => {
@@ -165,6 +236,7 @@ impl Worker {
             }
             return requeue(&delivery).await;
         }
+        metrics::dead_lettered(rejection.routing_entity.unwrap_or("unknown"));
         let error = JobError::new(ErrorKind::InvalidRequest, rejection.reason.clone());
         let record = rejection.record();
         let event = self.with_db_retries(|| self.store.record_rejection(&record, &error)).await;
@@ -177,17 +249,16 @@ impl Worker {
         }
     }
 
-    /// Publishes an outboxed event and marks it sent. On failure it stays in the outbox
-    /// and the relay publishes it later.
+    /// Delivers an outboxed event right after its commit. Whatever is not confirmed stays
+    /// in the outbox for the relay.
     async fn announce(&self, publisher: &Publisher, event: &OutboxEvent) {
-        match publisher.publish_event(event).await {
-            Ok(()) => {
-                if let Err(error) = self.store.mark_published(event.event_id).await {
-                    tracing::warn!(%error, "event published but not marked; the relay may send it again");
-                }
-                tracing::debug!(routing_key = %event.routing_key, "event published");
-            }
-            Err(error) => tracing::warn!(%error, "event not published yet; the outbox relay will retry"),
+        match relay::deliver(self.store.db(), publisher, event).await {
+            Ok(()) => tracing::debug!(routing_key = %event.routing_key, "event published"),
+            Err(Undelivered::Publish(PublishError::Returned(_))) => tracing::warn!(
+                routing_key = %event.routing_key,
+                "no queue is bound to the events exchange for this event; it stays pending until one is"
+            ),
+            Err(error) => tracing::warn!(%error, "event not confirmed yet; the outbox relay will retry"),
         }
     }
 

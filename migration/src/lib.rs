@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261124_000001_create_hero;
 mod m20261124_000002_create_generation_job;
 mod m20261124_000003_create_event_outbox;
+mod m20261124_000004_outbox_retry_backoff;
 
 pub struct Migrator;
 
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000001_create_hero::Migration),
             Box::new(m20261124_000002_create_generation_job::Migration),
             Box::new(m20261124_000003_create_event_outbox::Migration),
+            Box::new(m20261124_000004_outbox_retry_backoff::Migration),
         ]
     }
 }

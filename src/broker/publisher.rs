@@ -44,19 +44,20 @@ impl Publisher {
         self.channel.status().connected()
     }
 
-    /// Publishes a completion event to the events exchange and, when the request had a
-    /// `reply_to`, to that queue; returns once the broker confirmed the exchange copy.
+    /// Publishes a completion event to the events exchange, `mandatory`: it succeeds only
+    /// once the broker confirmed it *and* routed it to at least one queue. An event that no
+    /// queue is bound for comes back as [`PublishError::Returned`] and stays pending.
     pub async fn publish_event(&self, event: &OutboxEvent) -> Result<(), PublishError> {
-        let properties = json_properties()
-            .with_correlation_id(short(&event.correlation_id))
-            .with_message_id(short(&event.event_id.to_string()));
-        self.publish(&self.events_exchange, &event.routing_key, false, &event.payload, properties.clone()).await?;
-        if let Some(reply_to) = &event.reply_to {
-            // The requester's reply queue may be gone (it gave up waiting); that does not
-            // make the event undelivered, so this copy is not mandatory.
-            self.publish("", reply_to, false, &event.payload, properties).await?;
-        }
+        self.publish(&self.events_exchange, &event.routing_key, true, &event.payload, event_properties(event)).await?;
+        crate::metrics::event_published();
         Ok(())
+    }
+
+    /// Sends the requester its copy of an event, to the request's `reply_to` queue. Not
+    /// mandatory: the requester may have stopped waiting and its queue be gone, which does
+    /// not make the event undelivered.
+    pub async fn publish_reply(&self, event: &OutboxEvent, reply_to: &str) -> Result<(), PublishError> {
+        self.publish("", reply_to, false, &event.payload, event_properties(event)).await
     }
 
     /// Copies a request that can never succeed to the dead-letter queue, with the reason
@@ -94,6 +95,12 @@ impl Publisher {
             Confirmation::Nack(_) => Err(PublishError::Nacked),
         }
     }
+}
+
+fn event_properties(event: &OutboxEvent) -> BasicProperties {
+    json_properties()
+        .with_correlation_id(short(&event.correlation_id))
+        .with_message_id(short(&event.event_id.to_string()))
 }
 
 /// Properties of a persistent JSON message.

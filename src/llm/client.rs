@@ -16,6 +16,7 @@ use serde_json::Value;
 use super::retry::{RetryPolicy, TransportError};
 use crate::config::LlmSettings;
 use crate::contract::Usage;
+use crate::metrics::{self, CallOutcome};
 
 /// A chat-completions client with timeouts and transport retries.
 #[derive(Clone)]
@@ -138,11 +139,17 @@ impl LlmClient {
             return Err(TransportError::Deadline);
         }
         let timeout = self.request_timeout.min(remaining);
-        let raw: Value = match tokio::time::timeout(timeout, self.client.chat().create_byot(request)).await {
-            Err(_) => return Err(TransportError::Timeout(timeout)),
-            Ok(result) => result.map_err(TransportError::from)?,
+        let started = Instant::now();
+        let result = match tokio::time::timeout(timeout, self.client.chat().create_byot::<_, Value>(request)).await {
+            Err(_) => Err(TransportError::Timeout(timeout)),
+            Ok(result) => result.map_err(TransportError::from).and_then(parse_completion),
         };
-        parse_completion(raw)
+        let outcome = match &result {
+            Ok(_) => CallOutcome::Ok,
+            Err(error) => error.outcome(),
+        };
+        metrics::llm_call(outcome, started.elapsed());
+        result
     }
 
     fn scrub(&self, text: &str) -> String {

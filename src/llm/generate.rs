@@ -11,6 +11,7 @@ use super::tools::{Answer, ToolSpec, to_openai_messages};
 use crate::config::LlmSettings;
 use crate::contract::{ChatMessage, ErrorKind, JobError, Usage};
 use crate::entities::{EntityKind, Record};
+use crate::metrics;
 
 /// What one job asks of the model.
 pub struct Prompt<'a> {
@@ -56,6 +57,7 @@ pub async fn generate(client: &LlmClient, settings: &LlmSettings, prompt: Prompt
             Err(error) => return Generation { outcome: Err(call_failure(error)), trace },
         };
         trace.usage += completion.usage;
+        metrics::tokens(&completion.usage);
         trace.responses.push(completion.raw.clone());
         let verdict = match tool.answer(&completion) {
             Answer::Refused(reason) => {
@@ -69,6 +71,9 @@ pub async fn generate(client: &LlmClient, settings: &LlmSettings, prompt: Prompt
             Ok(record) => return Generation { outcome: Ok(record), trace },
             Err(error) => {
                 tracing::info!(attempt, error = %error, "answer failed validation");
+                if attempt <= prompt.max_retries {
+                    metrics::reask(prompt.kind.name());
+                }
                 tool.append_reask(&mut messages, &completion, &error);
                 last_error = error;
             }

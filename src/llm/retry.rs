@@ -10,6 +10,7 @@ use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 
 use super::client::HttpFailure;
 use crate::config::LlmSettings;
+use crate::metrics::CallOutcome;
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -39,6 +40,21 @@ impl TransportError {
             TransportError::Http { status, .. } => *status == 408 || *status == 429 || *status >= 500,
             TransportError::Timeout(_) | TransportError::Connect(_) => true,
             TransportError::Malformed(_) | TransportError::Deadline => false,
+        }
+    }
+}
+
+impl TransportError {
+    /// The call's outcome as the `instructd_llm_calls_total` metric labels it.
+    pub fn outcome(&self) -> CallOutcome {
+        match self {
+            TransportError::Http { status: 429, .. } => CallOutcome::RateLimited,
+            TransportError::Http { status, .. } if *status >= 500 => CallOutcome::ServerError,
+            TransportError::Http { status: 408, .. } | TransportError::Timeout(_) => CallOutcome::Timeout,
+            TransportError::Http { .. } => CallOutcome::Rejected,
+            TransportError::Connect(_) => CallOutcome::Connect,
+            TransportError::Malformed(_) => CallOutcome::Malformed,
+            TransportError::Deadline => CallOutcome::Timeout,
         }
     }
 }

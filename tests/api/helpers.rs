@@ -38,6 +38,8 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 
 pub struct TestApp {
     pub settings: Settings,
+    /// Where the daemon serves /healthz, /readyz and /metrics.
+    pub http_addr: std::net::SocketAddr,
     pub llm: MockServer,
     pub db: DatabaseConnection,
     pub channel: Channel,
@@ -69,6 +71,7 @@ pub fn test_env(llm: &MockServer, database_url: &str) -> HashMap<String, String>
         ("INSTRUCTD__LLM__TRANSPORT_MAX_DELAY_SECS", "1".to_owned()),
         ("INSTRUCTD__WORKER__CONCURRENCY", "4".to_owned()),
         ("INSTRUCTD__WORKER__SHUTDOWN_GRACE_SECS", "10".to_owned()),
+        ("INSTRUCTD__HTTP__LISTEN", "127.0.0.1:0".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -93,16 +96,23 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(settings: Settings, llm: MockServer) -> TestApp {
+    spawn_app_listening(settings, llm, "#").await
+}
+
+/// Like [`spawn_app_with`], with the test's event queue bound to the events exchange with
+/// `binding` only.
+pub async fn spawn_app_listening(settings: Settings, llm: MockServer, binding: &str) -> TestApp {
     init_test_logs();
-    // Declare the topology and bind a queue to every event before the daemon runs, so no
+    // Declare the topology and bind a queue to the events before the daemon runs, so no
     // event can be published before the test listens.
     let connection = Connection::connect(&broker_url(), ConnectionProperties::default()).await.expect("RabbitMQ is up");
     let channel = connection.create_channel().await.unwrap();
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     instructd::broker::topology::declare(&channel, &settings.broker).await.unwrap();
-    let events = listen(&channel, &settings.broker.events_exchange, "#").await;
+    let events = listen(&channel, &settings.broker.events_exchange, binding).await;
 
     let app = Application::build(settings.clone()).await.expect("the app builds");
+    let http_addr = app.http_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let daemon = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
@@ -112,7 +122,17 @@ pub async fn spawn_app_with(settings: Settings, llm: MockServer) -> TestApp {
     ))
     .await
     .unwrap();
-    TestApp { settings, llm, db, channel, events, stop: Some(stop), daemon: Some(daemon), _connection: connection }
+    TestApp {
+        settings,
+        http_addr,
+        llm,
+        db,
+        channel,
+        events,
+        stop: Some(stop),
+        daemon: Some(daemon),
+        _connection: connection,
+    }
 }
 
 /// A server-named queue bound to `exchange` with `binding`, and a consumer on it.
@@ -149,12 +169,18 @@ pub async fn listen(channel: &Channel, exchange: &str, binding: &str) -> Consume
 /// A received event with its routing key and AMQP properties.
 pub struct Received {
     pub routing_key: String,
+    /// The message body as sent.
+    pub body: Vec<u8>,
     pub event: CompletionEvent,
     pub properties: BasicProperties,
 }
 
 pub async fn next_message(consumer: &mut Consumer) -> Received {
-    let delivery = tokio::time::timeout(PATIENCE, consumer.next())
+    next_message_within(consumer, PATIENCE).await
+}
+
+pub async fn next_message_within(consumer: &mut Consumer, patience: Duration) -> Received {
+    let delivery = tokio::time::timeout(patience, consumer.next())
         .await
         .expect("a message arrives in time")
         .expect("the consumer is open")
@@ -162,6 +188,7 @@ pub async fn next_message(consumer: &mut Consumer) -> Received {
     Received {
         routing_key: delivery.routing_key.to_string(),
         event: serde_json::from_slice(&delivery.data).expect("the message is a completion event"),
+        body: delivery.data,
         properties: delivery.properties,
     }
 }
@@ -261,11 +288,22 @@ impl TestApp {
             .collect()
     }
 
-    /// Stops the daemon as SIGTERM would and waits for it to return.
-    pub async fn stop(mut self) {
+    /// Signals the daemon to stop, as SIGTERM would, without waiting for it.
+    pub fn begin_shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    /// GETs `path` on the daemon's HTTP endpoint: status and body.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let response = reqwest::get(format!("http://{}{path}", self.http_addr)).await.expect("the endpoint answers");
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
+    /// Stops the daemon as SIGTERM would and waits for it to return.
+    pub async fn stop(mut self) {
+        self.begin_shutdown();
         if let Some(daemon) = self.daemon.take() {
             tokio::time::timeout(PATIENCE, daemon).await.expect("the daemon stops in time").unwrap().unwrap();
         }

@@ -3,8 +3,10 @@
 //! real async-openai client, HTTP, retries and timeouts run.
 
 mod cli;
+mod contract_docs;
 mod dead_letters;
 mod generation;
 mod helpers;
 mod idempotency;
+mod operating;
 mod retries;

@@ -141,13 +141,17 @@ async fn a_broker_restart_pauses_work_without_losing_it() {
     rabbitmqctl(&["stop_app"]);
     rabbitmqctl(&["start_app"]);
     rabbitmqctl(&["await_startup"]);
+    // The test's event queue went with its connection: events are returned unroutable,
+    // and stay pending, until a queue is bound again.
+    scenario.reconnect().await;
 
     scenario.wait_for_count(SUCCEEDED, 60, LONG).await;
     assert_eq!(scenario.count(ROWS).await, Some(60));
     assert!(
         wait_until(LONG, || async { scenario.count(PENDING_EVENTS).await == Some(0) }).await,
-        "every event was eventually confirmed by the broker"
+        "every event was eventually confirmed by the broker (confirmed mandatory: routed to a queue)"
     );
+
     stop_gracefully(&mut daemon, Duration::from_secs(30)).await;
 }
 
@@ -170,5 +174,44 @@ async fn a_postgres_restart_pauses_work_without_losing_it() {
     assert_eq!(scenario.count(ROWS).await, Some(60));
     let dead_letters = rabbitmq_listing("list_queues", "name", "messages", &scenario.settings.broker.dead_letter_queue);
     assert_eq!(dead_letters.as_deref(), Some("0"), "an outage never dead-letters a job");
+    stop_gracefully(&mut daemon, Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_keeps_killing_workers_is_dead_lettered_at_the_delivery_limit() {
+    use instructd::broker::publisher::{ERROR_HEADER, header_text};
+    use lapin::options::BasicGetOptions;
+
+    // The model never answers in time, and the worker is killed during every call.
+    let mut scenario =
+        Scenario::new("poison", Duration::from_secs(600), &[("INSTRUCTD__BROKER__DELIVERY_LIMIT", "2")]).await;
+    let ids = scenario.enqueue(1).await;
+    for delivery in 1..=2 {
+        let mut daemon = scenario.start();
+        assert!(wait_until(LONG, || async { scenario.llm_calls().await >= delivery }).await, "delivery {delivery}");
+        daemon.start_kill().unwrap();
+        daemon.wait().await.unwrap();
+    }
+
+    // The third delivery is the last the queue allows: the job fails, the message goes to the
+    // dead-letter queue with the reason, and the model is not called again.
+    let mut daemon = scenario.start();
+    let (_, announced) = scenario.collect_events(&ids, LONG).await;
+    assert_eq!(announced, 1);
+    let failed = "SELECT count(*) FROM generation_job WHERE status = 'failed' AND error->>'kind' = 'internal'";
+    assert_eq!(scenario.count(failed).await, Some(1));
+    let dlq = scenario.settings.broker.dead_letter_queue.clone();
+    let dead = scenario
+        .channel
+        .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the message is in the dead-letter queue");
+    let reason = header_text(dead.delivery.properties.headers(), ERROR_HEADER).unwrap();
+    assert!(reason.contains("delivered 3 times"), "{reason}");
+    assert_eq!(scenario.llm_calls().await, 2, "the last delivery does not call the model");
+    let queue = scenario.settings.broker.request_queue.clone();
+    let acked = || async { rabbitmq_listing("list_queues", "name", "messages", &queue).as_deref() == Some("0") };
+    assert!(wait_until(LONG, acked).await, "the request left its queue");
     stop_gracefully(&mut daemon, Duration::from_secs(30)).await;
 }

@@ -23,8 +23,8 @@ pub struct Scenario {
     pub env: HashMap<String, String>,
     pub settings: Settings,
     pub database_url: String,
-    /// Kept alive for the daemon to call.
-    _llm: MockServer,
+    /// The fake model the daemon calls.
+    pub llm: MockServer,
     pub channel: Channel,
     pub events: Consumer,
     _connection: Connection,
@@ -52,12 +52,25 @@ impl Scenario {
             env.insert((*key).to_owned(), (*value).to_owned());
         }
         let settings = Settings::load_from(None, env.clone()).expect("valid settings");
+        let (connection, channel, events) = Self::connect(&settings).await;
+        Self { env, settings, database_url, llm, channel, events, _connection: connection, runs: 0, name }
+    }
+
+    /// The test's side: a confirm-mode channel, the topology, and a queue bound to every event.
+    async fn connect(settings: &Settings) -> (Connection, Channel, Consumer) {
         let connection = Connection::connect(&broker_url(), ConnectionProperties::default()).await.unwrap();
         let channel = connection.create_channel().await.unwrap();
         channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
         instructd::broker::topology::declare(&channel, &settings.broker).await.unwrap();
         let events = listen(&channel, &settings.broker.events_exchange, "#").await;
-        Self { env, settings, database_url, _llm: llm, channel, events, _connection: connection, runs: 0, name }
+        (connection, channel, events)
+    }
+
+    /// Reconnects the test's side after a broker restart took its connection and its
+    /// (exclusive) event queue; events are unroutable until this binds a new one.
+    pub async fn reconnect(&mut self) {
+        let (connection, channel, events) = Self::connect(&self.settings).await;
+        (self._connection, self.channel, self.events) = (connection, channel, events);
     }
 
     /// Starts `instructd run`; its logs go to `target/chaos-logs/<scenario>-<n>.log`.
@@ -79,6 +92,11 @@ impl Scenario {
             .kill_on_drop(true)
             .spawn()
             .expect("instructd starts")
+    }
+
+    /// How many calls the fake model has received.
+    pub async fn llm_calls(&self) -> usize {
+        self.llm.received_requests().await.map(|r| r.len()).unwrap_or_default()
     }
 
     /// Publishes `n` hero requests; returns their job ids.

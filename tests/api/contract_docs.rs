@@ -1,0 +1,106 @@
+//! docs/asyncapi.yaml cannot drift from the daemon: its payload schemas (docs/schemas) are
+//! checked against what the daemon really accepts and really sends.
+
+use instructd::config::Settings;
+use instructd::decode::decode;
+use instructd::enqueue::{EnqueueArgs, request_body};
+use instructd::entities::Registry;
+use lapin::BasicProperties;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+fn schema(file: &str) -> jsonschema::Validator {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/schemas").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    jsonschema::validator_for(&serde_json::from_str(&text).unwrap()).expect("the schema compiles")
+}
+
+fn errors(validator: &jsonschema::Validator, instance: &Value) -> Vec<String> {
+    validator.iter_errors(instance).map(|e| format!("{} at {}", e, e.instance_path())).collect()
+}
+
+#[test]
+fn the_documented_request_schema_accepts_exactly_what_the_daemon_accepts() {
+    let validator = schema("request.json");
+    let settings = Settings::load_from(None, Default::default()).unwrap();
+    let registry = Registry::builtin();
+    let user = json!([{"role": "user", "content": "Make a hero"}]);
+    // Every body names a registered entity: which entities exist is configuration, not shape.
+    let bodies = [
+        json!({"entity": "hero", "messages": user}),
+        json!({"job_id": Uuid::new_v4(), "entity": "hero", "messages": user, "model": "m", "max_retries": 3,
+               "metadata": {"any": ["json"]}}),
+        json!({"job_id": null, "entity": "hero", "messages": user, "model": null, "max_retries": null}),
+        json!({"entity": "hero", "messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"},
+               {"role": "user", "content": "u"}]}),
+        json!({"entity": "hero", "messages": user, "unknown_field": 1}),
+        json!({"entity": "hero", "messages": []}),
+        json!({"entity": "hero"}),
+        json!({"messages": user}),
+        json!({"entity": "hero", "messages": [{"role": "tool", "content": "x"}]}),
+        json!({"entity": "hero", "messages": [{"role": "user"}]}),
+        json!({"entity": "hero", "messages": "Make a hero"}),
+        json!({"job_id": "not-a-uuid", "entity": "hero", "messages": user}),
+        json!({"job_id": 7, "entity": "hero", "messages": user}),
+        json!({"entity": "hero", "messages": user, "max_retries": -1}),
+        json!({"entity": "hero", "messages": user, "max_retries": "2"}),
+        json!({"entity": "hero", "messages": user, "model": ""}),
+        json!({"entity": 5, "messages": user}),
+        json!(["not", "an", "object"]),
+    ];
+    for body in bodies {
+        let accepted = decode(&serde_json::to_vec(&body).unwrap(), &BasicProperties::default(), &registry, &settings);
+        let documented = errors(&validator, &body);
+        assert_eq!(
+            accepted.is_ok(),
+            documented.is_empty(),
+            "daemon {} but the schema {}: {body}",
+            if accepted.is_ok() { "accepts" } else { "rejects" },
+            if documented.is_empty() { "accepts".to_owned() } else { format!("rejects ({documented:?})") },
+        );
+    }
+
+    // What `instructd enqueue` sends is a documented request.
+    let args = EnqueueArgs {
+        entity: "hero".into(),
+        prompt: "Make a hero".into(),
+        system: Some("Be brief".into()),
+        model: Some("gpt-4o-mini".into()),
+        max_retries: Some(2),
+        job_id: None,
+        metadata: Some(json!({"k": "v"})),
+        wait: false,
+        timeout: 1,
+    };
+    let sent = request_body(&args, Uuid::new_v4());
+    assert_eq!(errors(&validator, &sent), Vec::<String>::new(), "{sent}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_event_the_daemon_sends_matches_the_documented_schema() {
+    let validator = schema("event.json");
+    let mut app = spawn_app().await;
+    // One success, one validation failure, one invalid request, one unknown entity.
+    answer_once(&app.llm, tool_call_completion("Hero", r#"{"name": "Ok", "secret_name": "Fine", "age": 3}"#)).await;
+    answer_always(&app.llm, tool_call_completion("Hero", r#"{"name": "No secret"}"#)).await;
+    app.publish(&request("hero", "Make a hero")).await;
+    let succeeded = app.next_event().await;
+    let mut invalid = request("hero", "Make another");
+    invalid["max_retries"] = json!(0);
+    app.publish(&invalid).await;
+    let failed = app.next_event().await;
+    app.publish(&json!({"job_id": Uuid::new_v4(), "entity": "hero", "messages": []})).await;
+    let rejected = app.next_event().await;
+    app.publish(&request("villain", "Make a villain")).await;
+    let unknown = app.next_event().await;
+
+    let seen: Vec<&str> = [&succeeded, &failed, &rejected, &unknown].iter().map(|r| r.routing_key.as_str()).collect();
+    assert_eq!(seen, ["job.succeeded.hero", "job.failed.hero", "job.failed.hero", "job.failed.unknown"]);
+    for received in [&succeeded, &failed, &rejected, &unknown] {
+        let body: Value = serde_json::from_slice(&received.body).unwrap();
+        assert_eq!(errors(&validator, &body), Vec::<String>::new(), "{}: {body}", received.routing_key);
+    }
+    app.stop().await;
+}
