@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: brings up PostgreSQL and RabbitMQ on loopback (installing them
-# if missing), then the unit and integration tests, then the fault-injection suite (which
-# restarts RabbitMQ and Postgres, so it runs alone, one test at a time). The LLM is faked
-# at the HTTP level.
+# if missing), checks the observability documents (installing promtool, which a test also
+# uses), runs the unit and integration tests, then the fault-injection suite (which restarts
+# RabbitMQ and Postgres, so it runs alone, one test at a time), then checks the deployment
+# files. The LLM is faked at the HTTP level.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 "$ROOT/scripts/services.sh"
+"$ROOT/scripts/check-observability.sh"
 if cargo nextest --version >/dev/null 2>&1; then
   # Two threads: each integration test runs a daemon, a database and a fake LLM.
   cargo nextest run --workspace --test-threads 2 --no-fail-fast -E 'not binary(chaos)'
@@ -15,3 +17,4 @@ else
   cargo test --workspace --no-fail-fast --lib --bins --test api -- --test-threads 2
   cargo test --workspace --no-fail-fast --test chaos -- --test-threads 1 --nocapture
 fi
+"$ROOT/scripts/check-deploy.sh"
