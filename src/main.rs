@@ -34,7 +34,7 @@ enum Command {
         /// The entity's name (e.g. `hero`).
         entity: String,
     },
-    /// Publish a generation request; with --wait, print its completion event.
+    /// Publish generation requests; with --wait, print their completion events.
     Enqueue(EnqueueArgs),
     /// Print the effective configuration, secrets redacted.
     Config,
@@ -72,14 +72,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate => {
             telemetry::init(&settings.log);
             let db = startup::connect_database(&settings).await?;
-            startup::migrate(&db).await?;
+            startup::migrate(&settings, &db).await?;
             eprintln!("migrations applied");
         }
         Command::Config => print!("{}", settings.to_redacted_toml()),
         Command::Enqueue(args) => {
             telemetry::init(&settings.log);
-            if !enqueue::enqueue(&settings, args).await? {
-                return Ok(ExitCode::FAILURE);
+            match enqueue::enqueue(&settings, args).await? {
+                enqueue::Outcome::Succeeded => {}
+                enqueue::Outcome::Failed => return Ok(ExitCode::from(1)),
+                enqueue::Outcome::TimedOut => return Ok(ExitCode::from(2)),
             }
         }
         Command::Schema { .. } => unreachable!("handled above"),

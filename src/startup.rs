@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use lapin::options::BasicCancelOptions;
 use metrics_exporter_prometheus::PrometheusHandle;
 use migration::MigratorTrait;
-use sea_orm::{ConnectOptions, Database, DatabaseConnection};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -39,9 +39,13 @@ pub struct Application {
 
 /// Connects to Postgres (without logging SQL, which could carry request contents).
 pub async fn connect_database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
+    connect_pool(settings, settings.database.max_connections).await
+}
+
+async fn connect_pool(settings: &Settings, max_connections: u32) -> anyhow::Result<DatabaseConnection> {
     let mut options = ConnectOptions::new(settings.database.url.expose_secret().to_owned());
     options
-        .max_connections(settings.database.max_connections)
+        .max_connections(max_connections)
         .connect_timeout(Duration::from_secs(settings.database.connect_timeout_secs))
         .acquire_timeout(Duration::from_secs(settings.database.connect_timeout_secs))
         .sqlx_logging(false);
@@ -50,9 +54,21 @@ pub async fn connect_database(settings: &Settings) -> anyhow::Result<DatabaseCon
         .with_context(|| format!("cannot connect to Postgres at {}", redacted_url(&settings.database.url)))
 }
 
-/// Applies pending migrations.
-pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
-    migration::Migrator::up(db, None).await.context("applying migrations failed")
+/// The advisory lock that serialises migrations ("instrucd" in ASCII).
+const MIGRATION_LOCK: i64 = 0x696e_7374_7275_6364;
+
+/// Applies pending migrations. Replicas that start together (a Deployment's pods, the
+/// migration Job) take turns under a Postgres advisory lock, held by a session of its own:
+/// without it they race to create the same tables and all but one fail.
+pub async fn migrate(settings: &Settings, db: &DatabaseConnection) -> anyhow::Result<()> {
+    let lock = connect_pool(settings, 1).await?;
+    let statement = |sql: &str| Statement::from_sql_and_values(DbBackend::Postgres, sql, [MIGRATION_LOCK.into()]);
+    lock.execute_raw(statement("SELECT pg_advisory_lock($1)")).await.context("waiting for the migration lock")?;
+    let migrated = migration::Migrator::up(db, None).await.context("applying migrations failed");
+    // Closing the session releases the lock too; unlocking first frees it without waiting for that.
+    let _ = lock.execute_raw(statement("SELECT pg_advisory_unlock($1)")).await;
+    let _ = lock.close().await;
+    migrated
 }
 
 impl Application {
@@ -63,7 +79,7 @@ impl Application {
         let http_addr = listener.local_addr()?;
         let db = connect_database(&settings).await?;
         if settings.database.migrate_on_start {
-            migrate(&db).await?;
+            migrate(&settings, &db).await?;
         }
         let llm = LlmClient::new(&settings.llm)?;
         let registry = Registry::builtin();
