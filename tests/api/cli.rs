@@ -65,3 +65,25 @@ fn a_bad_config_value_stops_start_up_naming_the_key() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("worker.concurrency"), "{stderr}");
 }
+
+#[test]
+fn a_bad_messages_file_is_refused_before_anything_is_published() {
+    let file = std::env::temp_dir().join(format!("instructd-bad-messages-{}.json", uuid::Uuid::new_v4()));
+    std::fs::write(&file, r#"[{"role": "tool", "content": "x"}]"#).unwrap();
+    // No broker at this address: the file must be refused before any connection is tried.
+    let output = instructd(
+        &["enqueue", "--entity", "hero", "--messages-file", file.to_str().unwrap()],
+        &[("INSTRUCTD__BROKER__URL", "amqp://guest:guest@127.0.0.1:1/%2f")],
+    );
+    let _ = std::fs::remove_file(&file);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--messages-file") && stderr.contains("tool"), "{stderr}");
+}
+
+#[test]
+fn enqueue_needs_a_prompt_or_a_messages_file() {
+    let output = instructd(&["enqueue", "--entity", "hero"], &[]);
+    assert_eq!(output.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--prompt"));
+}

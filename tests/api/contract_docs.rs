@@ -3,7 +3,7 @@
 
 use instructd::config::Settings;
 use instructd::decode::decode;
-use instructd::enqueue::{EnqueueArgs, request_body};
+use instructd::enqueue::{EnqueueArgs, conversation, request_body};
 use instructd::entities::Registry;
 use lapin::BasicProperties;
 use serde_json::{Value, json};
@@ -65,16 +65,18 @@ fn the_documented_request_schema_accepts_exactly_what_the_daemon_accepts() {
     // What `instructd enqueue` sends is a documented request.
     let args = EnqueueArgs {
         entity: "hero".into(),
-        prompt: "Make a hero".into(),
+        prompt: Some("Make a hero".into()),
+        messages_file: None,
         system: Some("Be brief".into()),
         model: Some("gpt-4o-mini".into()),
         max_retries: Some(2),
         job_id: None,
         metadata: Some(json!({"k": "v"})),
+        count: 1,
         wait: false,
         timeout: 1,
     };
-    let sent = request_body(&args, Uuid::new_v4());
+    let sent = request_body(&args, &conversation(&args).unwrap(), Uuid::new_v4());
     assert_eq!(errors(&validator, &sent), Vec::<String>::new(), "{sent}");
 }
 

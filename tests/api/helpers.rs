@@ -297,8 +297,26 @@ impl TestApp {
 
     /// GETs `path` on the daemon's HTTP endpoint: status and body.
     pub async fn get(&self, path: &str) -> (u16, String) {
-        let response = reqwest::get(format!("http://{}{path}", self.http_addr)).await.expect("the endpoint answers");
-        (response.status().as_u16(), response.text().await.unwrap())
+        http_get(&format!("http://{}{path}", self.http_addr)).await.expect("the endpoint answers")
+    }
+
+    /// `instructd` (the real binary) configured for this test's broker names.
+    pub fn instructd_command(&self) -> tokio::process::Command {
+        let broker = &self.settings.broker;
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_instructd"));
+        command.env_remove("OPENAI_API_KEY").env_remove("INSTRUCTD_CONFIG");
+        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("INSTRUCTD__")) {
+            command.env_remove(key);
+        }
+        command
+            .env("INSTRUCTD__BROKER__URL", broker_url())
+            .env("INSTRUCTD__BROKER__REQUEST_QUEUE", &broker.request_queue)
+            .env("INSTRUCTD__BROKER__EVENTS_EXCHANGE", &broker.events_exchange)
+            .env("INSTRUCTD__BROKER__DEAD_LETTER_QUEUE", &broker.dead_letter_queue)
+            .env("INSTRUCTD__LOG__LEVEL", "warn")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        command
     }
 
     /// Stops the daemon as SIGTERM would and waits for it to return.
@@ -326,6 +344,26 @@ impl TestApp {
             let _ = admin.close().await;
         }
     }
+}
+
+/// GETs `url`: status and body.
+pub async fn http_get(url: &str) -> reqwest::Result<(u16, String)> {
+    // reqwest is built without a default TLS provider: the process installs one.
+    instructd::install_crypto_provider();
+    let response = reqwest::get(url).await?;
+    Ok((response.status().as_u16(), response.text().await?))
+}
+
+/// The value of the series `name{labels…}` in a Prometheus text exposition.
+pub fn metric_sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    exposition.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let rest = series.strip_prefix(name)?;
+        if !(rest.is_empty() || rest.starts_with('{')) {
+            return None;
+        }
+        labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))).then(|| value.parse().ok())?
+    })
 }
 
 /// Polls `condition` every 50 ms for at most [`PATIENCE`]; whether it came to hold.

@@ -5,6 +5,7 @@
 mod cli;
 mod contract_docs;
 mod dead_letters;
+mod enqueue;
 mod generation;
 mod helpers;
 mod idempotency;

@@ -14,18 +14,6 @@ use crate::helpers::*;
 
 const GOOD: &str = r#"{"name": "Superman", "secret_name": "Clark Kent", "age": 30}"#;
 
-/// The value of the series `name{labels…}` in a Prometheus text exposition.
-fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    exposition.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let rest = series.strip_prefix(name)?;
-        if !(rest.is_empty() || rest.starts_with('{')) {
-            return None;
-        }
-        labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))).then(|| value.parse().ok())?
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_and_metrics_report_a_real_run() {
     let mut app = spawn_app().await;
@@ -43,9 +31,9 @@ async fn health_readiness_and_metrics_report_a_real_run() {
     assert!(
         wait_for(|| async {
             let m = scrape().await;
-            sample(&m, "instructd_events_published_total", &[]) == Some(1.0)
-                && sample(&m, "instructd_jobs_in_flight", &[]) == Some(0.0)
-                && sample(&m, "instructd_outbox_pending", &[]).is_some()
+            metric_sample(&m, "instructd_events_published_total", &[]) == Some(1.0)
+                && metric_sample(&m, "instructd_jobs_in_flight", &[]) == Some(0.0)
+                && metric_sample(&m, "instructd_outbox_pending", &[]).is_some()
         })
         .await,
         "metrics settle:\n{}",
@@ -53,18 +41,18 @@ async fn health_readiness_and_metrics_report_a_real_run() {
     );
     let metrics = scrape().await;
     let hero_succeeded = [("entity", "hero"), ("outcome", "succeeded")];
-    assert_eq!(sample(&metrics, "instructd_jobs_total", &hero_succeeded), Some(1.0), "{metrics}");
-    assert_eq!(sample(&metrics, "instructd_jobs_total", &[("entity", "hero"), ("outcome", "llm")]), Some(0.0));
-    assert_eq!(sample(&metrics, "instructd_job_duration_seconds_count", &hero_succeeded), Some(1.0));
-    assert_eq!(sample(&metrics, "instructd_llm_calls_total", &[("outcome", "ok")]), Some(1.0));
-    assert_eq!(sample(&metrics, "instructd_llm_call_duration_seconds_count", &[]), Some(1.0));
-    assert_eq!(sample(&metrics, "instructd_llm_tokens_total", &[("kind", "prompt")]), Some(100.0));
-    assert_eq!(sample(&metrics, "instructd_llm_tokens_total", &[("kind", "completion")]), Some(20.0));
-    assert_eq!(sample(&metrics, "instructd_reasks_total", &[("entity", "hero")]), Some(0.0));
-    assert_eq!(sample(&metrics, "instructd_dead_letters_total", &[]), Some(0.0));
-    assert_eq!(sample(&metrics, "instructd_llm_concurrency_limit", &[]), Some(4.0));
-    assert_eq!(sample(&metrics, "instructd_broker_connected", &[]), Some(1.0));
-    assert_eq!(sample(&metrics, "instructd_ready", &[]), Some(1.0));
+    assert_eq!(metric_sample(&metrics, "instructd_jobs_total", &hero_succeeded), Some(1.0), "{metrics}");
+    assert_eq!(metric_sample(&metrics, "instructd_jobs_total", &[("entity", "hero"), ("outcome", "llm")]), Some(0.0));
+    assert_eq!(metric_sample(&metrics, "instructd_job_duration_seconds_count", &hero_succeeded), Some(1.0));
+    assert_eq!(metric_sample(&metrics, "instructd_llm_calls_total", &[("outcome", "ok")]), Some(1.0));
+    assert_eq!(metric_sample(&metrics, "instructd_llm_call_duration_seconds_count", &[]), Some(1.0));
+    assert_eq!(metric_sample(&metrics, "instructd_llm_tokens_total", &[("kind", "prompt")]), Some(100.0));
+    assert_eq!(metric_sample(&metrics, "instructd_llm_tokens_total", &[("kind", "completion")]), Some(20.0));
+    assert_eq!(metric_sample(&metrics, "instructd_reasks_total", &[("entity", "hero")]), Some(0.0));
+    assert_eq!(metric_sample(&metrics, "instructd_dead_letters_total", &[]), Some(0.0));
+    assert_eq!(metric_sample(&metrics, "instructd_llm_concurrency_limit", &[]), Some(4.0));
+    assert_eq!(metric_sample(&metrics, "instructd_broker_connected", &[]), Some(1.0));
+    assert_eq!(metric_sample(&metrics, "instructd_ready", &[]), Some(1.0));
     for name in instructd::metrics::ALL {
         assert!(metrics.contains(&format!("# TYPE {name} ")), "{name} is exported:\n{metrics}");
         assert!(metrics.contains(&format!("# HELP {name} ")), "{name} has help text");

@@ -9,3 +9,5 @@ mod helpers;
 mod support;
 
 mod faults;
+mod logs;
+mod scale;

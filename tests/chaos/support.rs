@@ -73,12 +73,34 @@ impl Scenario {
         (self._connection, self.channel, self.events) = (connection, channel, events);
     }
 
-    /// Starts `instructd run`; its logs go to `target/chaos-logs/<scenario>-<n>.log`.
+    /// Where run `n` of the scenario logs.
+    pub fn log_path(&self, run: u32) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-logs").join(format!("{}-{run}.log", self.name))
+    }
+
+    /// The address run `n` serves /metrics on (it listens on a port the system chose, and
+    /// logs it).
+    pub async fn http_addr(&self, run: u32) -> std::net::SocketAddr {
+        let mut found = None;
+        let logged = wait_until(Duration::from_secs(60), || {
+            let text = std::fs::read_to_string(self.log_path(run)).unwrap_or_default();
+            found = text.lines().find_map(|line| {
+                let value: serde_json::Value = serde_json::from_str(line).ok()?;
+                value["http_addr"].as_str()?.parse().ok()
+            });
+            std::future::ready(found.is_some())
+        })
+        .await;
+        assert!(logged, "run {run} logs its HTTP address");
+        found.unwrap()
+    }
+
+    /// Starts `instructd run`; its logs go to `target/tmp/chaos-logs/<scenario>-<n>.log`.
     pub fn start(&mut self) -> Child {
         self.runs += 1;
-        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-logs");
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = std::fs::File::create(dir.join(format!("{}-{}.log", self.name, self.runs))).unwrap();
+        let path = self.log_path(self.runs);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let log = std::fs::File::create(path).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_instructd"));
         command.arg("run").env_remove("OPENAI_API_KEY").env_remove("INSTRUCTD_CONFIG");
         for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("INSTRUCTD__")) {
