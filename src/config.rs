@@ -12,6 +12,8 @@ use config::{Config, Environment, File, FileFormat};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
+pub use crate::contract::Mode;
+
 /// The defaults, compiled into the binary so that it runs without the repository.
 pub const DEFAULTS: &str = include_str!("../config/default.toml");
 
@@ -54,11 +56,15 @@ pub struct DatabaseSettings {
     pub migrate_on_start: bool,
 }
 
+/// How much of a re-ask chain is sent back to the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum LlmMode {
-    /// The schema as a function tool named after its title, forced with `tool_choice`.
-    Tools,
+pub enum ReaskHistory {
+    /// Every failed answer and its error.
+    All,
+    /// Only the latest failed answer and its error: a long chain cannot overflow a small
+    /// context window.
+    Last,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -68,7 +74,9 @@ pub struct LlmSettings {
     #[serde(serialize_with = "redact_secret")]
     pub api_key: SecretString,
     pub model: String,
-    pub mode: LlmMode,
+    pub mode: Mode,
+    pub strict: bool,
+    pub reask_history: ReaskHistory,
     pub default_max_retries: u32,
     pub max_retries: u32,
     pub request_timeout_secs: u64,

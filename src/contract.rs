@@ -21,8 +21,24 @@ pub struct GenerationRequest {
     pub model: Option<String>,
     #[serde(default)]
     pub max_retries: Option<u32>,
+    /// How the schema is sent to the model; `llm.mode` when absent.
+    #[serde(default)]
+    pub mode: Option<Mode>,
     #[serde(default)]
     pub metadata: Option<Value>,
+}
+
+/// How the schema is sent to the model (Instructor's modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The schema as a function tool named after its title, forced with `tool_choice`.
+    Tools,
+    /// `response_format: json_object`, the schema in a system message.
+    Json,
+    /// `response_format: json_schema` (strict when `llm.strict`), the schema also in a
+    /// system message.
+    JsonSchema,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]

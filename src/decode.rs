@@ -22,6 +22,7 @@ pub struct Job {
     pub metadata: Value,
     pub model: String,
     pub max_retries: u32,
+    pub mode: crate::contract::Mode,
     pub correlation_id: String,
     pub reply_to: Option<String>,
     /// How many times the broker delivered this message before without it being settled
@@ -145,6 +146,7 @@ pub fn decode(
         model: request.model.clone().unwrap_or_else(|| settings.llm.model.clone()),
         // The request may ask for fewer re-asks than the cap, never more.
         max_retries: request.max_retries.unwrap_or(settings.llm.default_max_retries).min(settings.llm.max_retries),
+        mode: request.mode.unwrap_or(settings.llm.mode),
         metadata: request.metadata.clone().unwrap_or(Value::Null),
         correlation_id: correlation.unwrap_or_else(|| job_id.to_string()),
         reply_to,

@@ -35,7 +35,7 @@ enum Command {
         entity: String,
     },
     /// Publish generation requests; with --wait, print their completion events.
-    Enqueue(EnqueueArgs),
+    Enqueue(Box<EnqueueArgs>),
     /// Print the effective configuration, secrets redacted.
     Config,
 }
@@ -78,7 +78,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config => print!("{}", settings.to_redacted_toml()),
         Command::Enqueue(args) => {
             telemetry::init(&settings.log);
-            match enqueue::enqueue(&settings, args).await? {
+            match enqueue::enqueue(&settings, *args).await? {
                 enqueue::Outcome::Succeeded => {}
                 enqueue::Outcome::Failed => return Ok(ExitCode::from(1)),
                 enqueue::Outcome::TimedOut => return Ok(ExitCode::from(2)),

@@ -169,6 +169,7 @@ impl Worker {
             kind: job.kind.as_ref(),
             messages: &job.request.messages,
             model: &job.model,
+            mode: job.mode,
             max_retries: job.max_retries,
             deadline: started + Duration::from_secs(self.settings.llm.job_timeout_secs),
         };

@@ -7,9 +7,10 @@ use std::time::Instant;
 use serde_json::Value;
 
 use super::client::{CallError, LlmClient};
-use super::tools::{Answer, ToolSpec, to_openai_messages};
-use crate::config::LlmSettings;
-use crate::contract::{ChatMessage, ErrorKind, JobError, Usage};
+use super::modes::Strategy;
+use super::tools::{Answer, to_openai_messages};
+use crate::config::{LlmSettings, ReaskHistory};
+use crate::contract::{ChatMessage, ErrorKind, JobError, Mode, Usage};
 use crate::entities::{EntityKind, Record};
 use crate::metrics;
 
@@ -18,6 +19,7 @@ pub struct Prompt<'a> {
     pub kind: &'a dyn EntityKind,
     pub messages: &'a [ChatMessage],
     pub model: &'a str,
+    pub mode: Mode,
     /// Re-asks allowed after the first answer.
     pub max_retries: u32,
     /// When the whole job (calls, re-asks, waits) must be over.
@@ -42,16 +44,26 @@ pub struct Generation {
 }
 
 /// Asks the model for one `prompt.kind` and validates the answer, re-asking with the
-/// validation error up to `prompt.max_retries` times.
+/// validation error up to `prompt.max_retries` times. An answer cut off at the token limit
+/// (`finish_reason: length`) is re-asked once with a note, outside that budget; a second one
+/// fails the job with kind `llm`.
 pub async fn generate(client: &LlmClient, settings: &LlmSettings, prompt: Prompt<'_>) -> Generation {
-    let tool = ToolSpec::new(prompt.kind.title(), prompt.kind.schema());
-    let mut messages = to_openai_messages(prompt.messages);
     let mut trace = CallTrace::default();
-    let mut last_error = String::new();
-    for attempt in 1..=prompt.max_retries.saturating_add(1) {
-        trace.attempts = attempt;
-        tracing::Span::current().record("attempt", attempt);
-        let request = tool.request(prompt.model, messages.clone(), settings.max_tokens, settings.temperature);
+    let strategy = match Strategy::new(prompt.mode, prompt.kind, settings.strict) {
+        Ok(strategy) => strategy,
+        Err(why) => {
+            let message = format!("the schema of `{}` cannot be sent in strict mode: {why}", prompt.kind.name());
+            return Generation { outcome: Err(JobError::new(ErrorKind::InvalidRequest, message)), trace };
+        }
+    };
+    let start = strategy.conversation(to_openai_messages(prompt.messages));
+    let mut messages = start.clone();
+    let mut reasks = 0;
+    let mut cut_off = false;
+    let last_error = loop {
+        trace.attempts += 1;
+        tracing::Span::current().record("attempt", trace.attempts);
+        let request = strategy.request(prompt.model, messages.clone(), settings.max_tokens, settings.temperature);
         let completion = match client.complete(&request, prompt.deadline).await {
             Ok(completion) => completion,
             Err(error) => return Generation { outcome: Err(call_failure(error)), trace },
@@ -59,29 +71,48 @@ pub async fn generate(client: &LlmClient, settings: &LlmSettings, prompt: Prompt
         trace.usage += completion.usage;
         metrics::tokens(&completion.usage);
         trace.responses.push(completion.raw.clone());
-        let verdict = match tool.answer(&completion) {
-            Answer::Refused(reason) => {
-                let error = JobError::new(ErrorKind::Refused, reason);
-                return Generation { outcome: Err(error), trace };
+        let error = if completion.finish_reason.as_deref() == Some("length") {
+            if cut_off {
+                let message = "the answer was cut off at the token limit twice (finish_reason: length); \
+                               raise llm.max_tokens or ask for less";
+                return Generation { outcome: Err(JobError::new(ErrorKind::Llm, message)), trace };
             }
-            Answer::Invalid(why) => Err(why),
-            Answer::Arguments(arguments) => prompt.kind.hydrate(arguments),
-        };
-        match verdict {
-            Ok(record) => return Generation { outcome: Ok(record), trace },
-            Err(error) => {
-                tracing::info!(attempt, error = %error, "answer failed validation");
-                if attempt <= prompt.max_retries {
-                    metrics::reask(prompt.kind.name());
+            cut_off = true;
+            tracing::info!(attempt = trace.attempts, "answer cut off at the token limit; asking again");
+            CUT_OFF_NOTE.to_owned()
+        } else {
+            let verdict = match strategy.answer(&completion) {
+                Answer::Refused(reason) => {
+                    return Generation { outcome: Err(JobError::new(ErrorKind::Refused, reason)), trace };
                 }
-                tool.append_reask(&mut messages, &completion, &error);
-                last_error = error;
+                Answer::Invalid(why) => Err(why),
+                Answer::Arguments(arguments) => prompt.kind.hydrate(arguments),
+            };
+            match verdict {
+                Ok(record) => return Generation { outcome: Ok(record), trace },
+                Err(error) => {
+                    tracing::info!(attempt = trace.attempts, error = %error, "answer failed validation");
+                    if reasks == prompt.max_retries {
+                        break error;
+                    }
+                    reasks += 1;
+                    metrics::reask(prompt.kind.name());
+                    error
+                }
             }
+        };
+        if settings.reask_history == ReaskHistory::Last {
+            messages.clone_from(&start);
         }
-    }
+        strategy.append_reask(&mut messages, &completion, &error);
+    };
     let message = format!("no valid answer after {} attempt(s); last error: {last_error}", trace.attempts);
     Generation { outcome: Err(JobError::new(ErrorKind::Validation, message)), trace }
 }
+
+/// What a re-ask says about an answer cut off at the token limit.
+const CUT_OFF_NOTE: &str = "the answer was cut off at the token limit (finish_reason: length), so it is \
+                            incomplete; answer again, complete and as short as the schema allows";
 
 fn call_failure(error: CallError) -> JobError {
     JobError::new(ErrorKind::Llm, error.to_string())

@@ -1,10 +1,12 @@
 //! Talking to the model: the provider client with its one retry policy ([`client`],
-//! [`retry`]), how the schema is sent and the answer read back ([`tools`]), and the
-//! generate-validate-re-ask loop of a job ([`generate`]).
+//! [`retry`]), how the schema is sent and the answer read back in each mode ([`modes`],
+//! [`tools`], [`strict`]), and the generate-validate-re-ask loop of a job ([`generate`]).
 
 pub mod client;
 pub mod generate;
+pub mod modes;
 pub mod retry;
+pub mod strict;
 pub mod tools;
 
 pub use client::LlmClient;

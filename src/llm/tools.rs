@@ -20,6 +20,8 @@ pub struct ToolSpec {
     name: String,
     description: String,
     parameters: Value,
+    /// Strict function calling: `parameters` were rewritten by [`super::strict`].
+    strict: bool,
 }
 
 /// What the model answered, read in tools mode.
@@ -34,7 +36,7 @@ pub enum Answer<'a> {
 
 impl ToolSpec {
     /// The tool for an entity whose schema's title is `title`.
-    pub fn new(title: &str, schema: &Value) -> Self {
+    pub fn new(title: &str, schema: &Value, strict: bool) -> Self {
         let mut parameters = schema.clone();
         if let Some(object) = parameters.as_object_mut() {
             object.remove("title");
@@ -42,7 +44,7 @@ impl ToolSpec {
         let description = schema.get("description").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| {
             format!("Correctly extracted `{title}` with all the required parameters with correct types")
         });
-        Self { name: title.to_owned(), description, parameters }
+        Self { name: title.to_owned(), description, parameters, strict }
     }
 
     /// The chat-completions request for `messages`.
@@ -61,7 +63,7 @@ impl ToolSpec {
                     name: self.name.clone(),
                     description: Some(self.description.clone()),
                     parameters: Some(self.parameters.clone()),
-                    strict: None,
+                    strict: self.strict.then_some(true),
                 },
             })]),
             tool_choice: Some(ChatCompletionToolChoiceOption::Function(ChatCompletionNamedToolChoice {

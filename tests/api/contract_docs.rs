@@ -48,6 +48,9 @@ fn the_documented_request_schema_accepts_exactly_what_the_daemon_accepts() {
         json!({"entity": "hero", "messages": user, "max_retries": "2"}),
         json!({"entity": "hero", "messages": user, "model": ""}),
         json!({"entity": 5, "messages": user}),
+        json!({"entity": "hero", "messages": user, "mode": "json_schema"}),
+        json!({"entity": "hero", "messages": user, "mode": null}),
+        json!({"entity": "hero", "messages": user, "mode": "xml"}),
         json!(["not", "an", "object"]),
     ];
     for body in bodies {

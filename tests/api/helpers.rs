@@ -417,6 +417,22 @@ pub fn tool_call_completion(function: &str, arguments: &str) -> Value {
     })
 }
 
+/// A chat completion whose answer is the text `content` (the JSON modes).
+pub fn text_completion(content: &str) -> Value {
+    json!({
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "fake-model",
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "finish_reason": "stop"
+        }],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
+    })
+}
+
 /// The fake LLM answers every call with `body`.
 pub async fn answer_always(llm: &MockServer, body: Value) {
     Mock::given(method("POST"))

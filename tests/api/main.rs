@@ -9,5 +9,6 @@ mod enqueue;
 mod generation;
 mod helpers;
 mod idempotency;
+mod modes;
 mod operating;
 mod retries;
