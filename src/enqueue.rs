@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::broker::publisher::{json_properties, short};
 use crate::broker::{connection, topology};
 use crate::config::Settings;
-use crate::contract::{ChatMessage, CompletionEvent, JobStatus};
+use crate::contract::{ChatMessage, CompletionEvent, JobStatus, Mode};
 
 /// What to enqueue.
 #[derive(Debug, clap::Args)]
@@ -44,6 +44,9 @@ pub struct EnqueueArgs {
     /// Re-asks after a validation error; capped by `llm.max_retries`.
     #[arg(long)]
     pub max_retries: Option<u32>,
+    /// How the schema is sent: tools, json or json_schema; defaults to `llm.mode`.
+    #[arg(long, value_parser = parse_mode)]
+    pub mode: Option<Mode>,
     /// The job id (idempotency key); a new UUID by default.
     #[arg(long, conflicts_with = "count")]
     pub job_id: Option<Uuid>,
@@ -60,6 +63,10 @@ pub struct EnqueueArgs {
     /// With --wait: how long to wait for all events, in seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+}
+
+fn parse_mode(text: &str) -> Result<Mode, String> {
+    serde_json::from_value(Value::String(text.to_owned())).map_err(|_| "expected tools, json or json_schema".to_owned())
 }
 
 fn parse_json(text: &str) -> Result<Value, String> {
@@ -112,6 +119,9 @@ pub fn request_body(args: &EnqueueArgs, messages: &[Value], job_id: Uuid) -> Val
     }
     if let Some(max_retries) = args.max_retries {
         request["max_retries"] = json!(max_retries);
+    }
+    if let Some(mode) = args.mode {
+        request["mode"] = json!(mode);
     }
     if let Some(metadata) = &args.metadata {
         request["metadata"] = metadata.clone();

@@ -73,6 +73,7 @@ fn the_documented_request_schema_accepts_exactly_what_the_daemon_accepts() {
         system: Some("Be brief".into()),
         model: Some("gpt-4o-mini".into()),
         max_retries: Some(2),
+        mode: Some(instructd::contract::Mode::JsonSchema),
         job_id: None,
         metadata: Some(json!({"k": "v"})),
         count: 1,
