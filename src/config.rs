@@ -88,6 +88,7 @@ pub struct LlmSettings {
     pub max_tokens: u32,
     #[serde(default)]
     pub temperature: Option<f32>,
+    pub max_concurrency: u32,
 }
 
 impl LlmSettings {
@@ -207,6 +208,15 @@ impl Settings {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| anyhow::anyhow!("log.level: not a valid filter ({e})"))?;
         Ok(())
+    }
+
+    /// The most LLM calls at once: `llm.max_concurrency`, or `worker.concurrency` when 0
+    /// (each job makes one call at a time).
+    pub fn llm_max_concurrency(&self) -> usize {
+        match self.llm.max_concurrency {
+            0 => self.worker.concurrency.into(),
+            n => n as usize,
+        }
     }
 
     /// The effective settings as TOML, with every secret redacted.

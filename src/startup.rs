@@ -81,11 +81,9 @@ impl Application {
         if settings.database.migrate_on_start {
             migrate(&settings, &db).await?;
         }
-        let llm = LlmClient::new(&settings.llm)?;
         let registry = Registry::builtin();
         let metrics = metrics::install(registry.names());
-        // Every job makes at most one call at a time, so the jobs' bound is the calls' bound.
-        metrics::llm_concurrency_limit(settings.worker.concurrency.into());
+        let llm = LlmClient::new(&settings.llm, settings.llm_max_concurrency())?;
         let stop = CancellationToken::new();
         let max_disconnected = Duration::from_secs(settings.broker.max_disconnected_secs);
         let health = Arc::new(Health::new(db.clone(), max_disconnected, stop.clone()));

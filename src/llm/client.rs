@@ -3,6 +3,7 @@
 //! lives in one place ([`super::retry`]) and failed calls keep their status code and
 //! `Retry-After` header.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_openai::Client;
@@ -13,6 +14,7 @@ use async_openai::types::chat::CreateChatCompletionRequest;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::limit::AdaptiveLimit;
 use super::retry::{RetryPolicy, TransportError};
 use crate::config::LlmSettings;
 use crate::contract::Usage;
@@ -23,6 +25,8 @@ use crate::metrics::{self, CallOutcome};
 pub struct LlmClient {
     client: Client<OpenAIConfig>,
     policy: RetryPolicy,
+    /// Provider protection: concurrent calls, lowered while the provider answers 429.
+    limit: Arc<AdaptiveLimit>,
     request_timeout: Duration,
     /// Kept only to scrub it from provider error messages that echo it back.
     api_key: Option<String>,
@@ -81,7 +85,8 @@ pub enum CallError {
 impl LlmClient {
     /// Builds the client from settings alone: nothing is read from the environment behind
     /// our back (async-openai's `OpenAIConfig::new()` would read `OPENAI_*` variables).
-    pub fn new(settings: &LlmSettings) -> anyhow::Result<Self> {
+    /// `max_concurrency` bounds concurrent calls (the adaptive limit starts there).
+    pub fn new(settings: &LlmSettings, max_concurrency: usize) -> anyhow::Result<Self> {
         crate::install_crypto_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(settings.request_timeout_secs.min(10)))
@@ -97,6 +102,7 @@ impl LlmClient {
         Ok(Self {
             client,
             policy: RetryPolicy::from_settings(settings),
+            limit: AdaptiveLimit::new(max_concurrency),
             request_timeout: Duration::from_secs(settings.request_timeout_secs),
             api_key,
         })
@@ -138,6 +144,14 @@ impl LlmClient {
         if remaining.is_zero() {
             return Err(TransportError::Deadline);
         }
+        let permit = tokio::select! {
+            permit = self.limit.acquire() => permit,
+            _ = tokio::time::sleep(remaining) => return Err(TransportError::Deadline),
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(TransportError::Deadline);
+        }
         let timeout = self.request_timeout.min(remaining);
         let started = Instant::now();
         let result = match tokio::time::timeout(timeout, self.client.chat().create_byot::<_, Value>(request)).await {
@@ -149,6 +163,11 @@ impl LlmClient {
             Err(error) => error.outcome(),
         };
         metrics::llm_call(outcome, started.elapsed());
+        match outcome {
+            CallOutcome::Ok => permit.succeeded(),
+            CallOutcome::RateLimited => permit.rate_limited(),
+            _ => drop(permit),
+        }
         result
     }
 

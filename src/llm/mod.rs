@@ -1,9 +1,10 @@
 //! Talking to the model: the provider client with its one retry policy ([`client`],
-//! [`retry`]), how the schema is sent and the answer read back in each mode ([`modes`],
+//! [`retry`], [`limit`]), how the schema is sent and the answer read back in each mode ([`modes`],
 //! [`tools`], [`strict`]), and the generate-validate-re-ask loop of a job ([`generate`]).
 
 pub mod client;
 pub mod generate;
+pub mod limit;
 pub mod modes;
 pub mod retry;
 pub mod strict;

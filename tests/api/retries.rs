@@ -90,3 +90,39 @@ async fn a_refusal_fails_the_job_with_kind_refused_without_re_asking() {
     assert_eq!(app.llm_requests().await.len(), 1);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_429s_lowers_the_concurrency_limit_and_successes_raise_it_again() {
+    // Four jobs at once (worker.concurrency), every call rate limited.
+    let mut app = spawn_app().await;
+    let storm = Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("retry-after", "0")
+                .set_body_json(json!({"error": {"message": "Rate limit reached"}})),
+        )
+        .mount_as_scoped(&app.llm)
+        .await;
+    let limit = |m: &str| metric_sample(m, "instructd_llm_concurrency_limit", &[]);
+    assert_eq!(limit(&app.get("/metrics").await.1), Some(4.0), "the limit starts at worker.concurrency");
+    for _ in 0..4 {
+        app.publish(&request("hero", "Make a hero")).await;
+    }
+    for _ in 0..4 {
+        assert_eq!(app.next_event().await.event.error.unwrap().kind, ErrorKind::Llm);
+    }
+    assert_eq!(limit(&app.get("/metrics").await.1), Some(1.0), "halved round after round, down to one");
+
+    // The provider recovers: successes raise the limit one step at a time.
+    drop(storm);
+    answer_always(&app.llm, tool_call_completion("Hero", GOOD)).await;
+    for _ in 0..8 {
+        app.publish(&request("hero", "Make a hero")).await;
+    }
+    for _ in 0..8 {
+        assert_eq!(app.next_event().await.routing_key, "job.succeeded.hero");
+    }
+    let raised = limit(&app.get("/metrics").await.1).unwrap();
+    assert!((2.0..=4.0).contains(&raised), "raised again: {raised}");
+    app.stop().await;
+}
