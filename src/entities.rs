@@ -20,7 +20,7 @@ pub struct Registry {
 impl Registry {
     /// Every entity this build of instructd knows.
     pub fn builtin() -> Self {
-        Self { kinds: BTreeMap::new() }.with::<entity::hero::Entity>("hero")
+        Self { kinds: BTreeMap::new() }.with::<entity::hero::Entity>("hero").with::<entity::team::Entity>("team")
     }
 
     /// Registers the SeaORM entity `E` under `name`.
@@ -78,17 +78,49 @@ where
     E::Model: Generate,
 {
     fn new(name: &'static str) -> Self {
-        let schema = response_schema::<E::Model>();
+        let mut schema = response_schema::<E::Model>();
+        E::Model::finish_schema(&mut schema);
+        pydantic_key_order(&mut schema, false);
         let title = schema.get("title").and_then(Value::as_str).unwrap_or(name).to_owned();
         Self { name, title, schema, _entity: PhantomData }
     }
 }
 
-/// The schema of `T` as the model is sent it: no `$schema` key, definitions inlined.
+/// The schema of `T` as the model is sent it, laid out as pydantic lays it out: no
+/// `$schema` key; definitions under `$defs`, each with its title; keywords in alphabetical
+/// order and properties in declaration order (so `instructd schema hero` is the seed's JSON,
+/// byte for byte, once pretty-printed alike).
 pub fn response_schema<T: schemars::JsonSchema>() -> Value {
     let mut settings = schemars::generate::SchemaSettings::draft2020_12();
     settings.meta_schema = None;
-    settings.into_generator().into_root_schema_for::<T>().to_value()
+    let mut schema = settings.into_generator().into_root_schema_for::<T>().to_value();
+    if let Some(Value::Object(definitions)) = schema.get_mut("$defs") {
+        for (name, definition) in definitions.iter_mut() {
+            if let Value::Object(definition) = definition {
+                definition.entry("title").or_insert_with(|| Value::String(name.clone()));
+            }
+        }
+    }
+    pydantic_key_order(&mut schema, false);
+    schema
+}
+
+/// Sorts schema keywords alphabetically, as pydantic emits them, keeping the order of the
+/// names inside `properties` and `$defs` (declaration order).
+fn pydantic_key_order(value: &mut Value, names: bool) {
+    match value {
+        Value::Object(object) => {
+            if !names {
+                object.sort_keys();
+            }
+            for (key, child) in object.iter_mut() {
+                let child_names = !names && (key == "properties" || key == "$defs");
+                pydantic_key_order(child, child_names);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|item| pydantic_key_order(item, false)),
+        _ => {}
+    }
 }
 
 impl<E> EntityKind for Table<E>
@@ -110,7 +142,8 @@ where
     }
 
     fn hydrate(&self, answer: &str) -> Result<Box<dyn Record>, String> {
-        let model: E::Model = parse_answer(answer)?;
+        let mut model: E::Model = parse_answer(answer)?;
+        model.hydrate();
         model.validate()?;
         Ok(Box::new(Row::<E>(model)))
     }
@@ -136,7 +169,7 @@ where
         let active = self.0.clone().into_active_model();
         Box::pin(async move {
             E::insert(active).exec_without_returning(txn).await?;
-            Ok(())
+            self.0.insert_children(txn).await
         })
     }
 }

@@ -11,8 +11,13 @@ pub mod event_outbox;
 pub mod generation_job;
 pub mod hero;
 pub mod schema;
+pub mod team;
+
+use std::future::Future;
+use std::pin::Pin;
 
 use schemars::JsonSchema;
+use sea_orm::{DatabaseTransaction, DbErr};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
@@ -28,4 +33,21 @@ pub trait Generate: JsonSchema + DeserializeOwned + Serialize + Send + Sync + 's
 
     /// The primary key the server generated for this record.
     fn record_id(&self) -> Uuid;
+
+    /// Adjusts the generated schema once definitions are in place (the root schema, as the
+    /// model is sent it).
+    fn finish_schema(_schema: &mut serde_json::Value) {}
+
+    /// Fills what the server owns beyond the default factories, once the answer is parsed
+    /// (a child row's foreign key to its parent, say).
+    fn hydrate(&mut self) {}
+
+    /// Inserts the rows that come with this one (a team's heroes), after it, in the same
+    /// transaction.
+    fn insert_children<'a>(&'a self, _txn: &'a DatabaseTransaction) -> InsertFuture<'a> {
+        Box::pin(async { Ok(()) })
+    }
 }
+
+/// What [`Generate::insert_children`] returns.
+pub type InsertFuture<'a> = Pin<Box<dyn Future<Output = Result<(), DbErr>> + Send + 'a>>;

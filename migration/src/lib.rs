@@ -7,6 +7,7 @@ mod m20261124_000001_create_hero;
 mod m20261124_000002_create_generation_job;
 mod m20261124_000003_create_event_outbox;
 mod m20261124_000004_outbox_retry_backoff;
+mod m20261124_000005_create_team;
 
 pub struct Migrator;
 
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000002_create_generation_job::Migration),
             Box::new(m20261124_000003_create_event_outbox::Migration),
             Box::new(m20261124_000004_outbox_retry_backoff::Migration),
+            Box::new(m20261124_000005_create_team::Migration),
         ]
     }
 }

@@ -28,13 +28,32 @@ fn schema_hero_prints_exactly_the_seed_schema() {
     let printed: Value = serde_json::from_slice(&output.stdout).expect("the schema is JSON");
     let seed: Value = serde_json::from_str(SEED_SCHEMA).unwrap();
     assert_eq!(printed, seed);
+    // Byte for byte, keys in the seed's order (serde_json keeps the order it read).
+    assert_eq!(serde_json::to_string(&printed).unwrap(), serde_json::to_string(&seed).unwrap());
+}
+
+#[test]
+fn schema_team_nests_its_heroes_and_shows_the_teams_constraints() {
+    let output = instructd(&["schema", "team"], &[]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let team: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(team["title"], "Team");
+    assert_eq!(team["required"], serde_json::json!(["name", "headquarters", "heroes"]));
+    let heroes = &team["properties"]["heroes"];
+    assert_eq!((heroes["minItems"].as_u64(), heroes["maxItems"].as_u64()), (Some(1), Some(10)));
+    assert_eq!(heroes["items"]["$ref"], "#/$defs/Hero");
+    let age = &team["$defs"]["Hero"]["properties"]["age"]["anyOf"][0];
+    assert_eq!((age["minimum"].as_i64(), age["maximum"].as_i64()), (Some(0), Some(150)));
+    for hidden in ["id", "team_id"] {
+        assert!(team["properties"].get(hidden).is_none() && team["$defs"]["Hero"]["properties"].get(hidden).is_none());
+    }
 }
 
 #[test]
 fn schema_of_an_unknown_entity_fails_and_lists_the_known_ones() {
     let output = instructd(&["schema", "villain"], &[]);
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown entity `villain` (known: hero)"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown entity `villain` (known: hero, team)"));
 }
 
 #[test]

@@ -23,7 +23,7 @@ async fn malformed_messages_are_dead_lettered_with_their_reason_and_work_goes_on
         (
             serde_json::to_vec(&request("villain", "Make a villain")).unwrap(),
             json_props(),
-            "unknown entity `villain` (known: hero)",
+            "unknown entity `villain` (known: hero, team)",
             "job.failed.unknown",
         ),
         (

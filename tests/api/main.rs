@@ -12,3 +12,4 @@ mod idempotency;
 mod modes;
 mod operating;
 mod retries;
+mod teams;

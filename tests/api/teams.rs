@@ -1,0 +1,80 @@
+//! Nested entities: one call, a graph of rows — a team and its heroes in one transaction.
+
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+fn team_answer(heroes: usize) -> String {
+    let heroes: Vec<Value> = (0..heroes)
+        .map(|i| json!({"name": format!("Hero {i}"), "secret_name": format!("Secret {i}"), "age": 20 + i}))
+        .collect();
+    json!({"name": "Preventers", "headquarters": "Sharp Tower", "heroes": heroes}).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_and_its_heroes_are_stored_together_with_server_ids() {
+    let mut app = spawn_app().await;
+    answer_always(&app.llm, tool_call_completion("Team", &team_answer(3))).await;
+    let request = request("team", "Make a team of three heroes");
+    let job_id: Uuid = request["job_id"].as_str().unwrap().parse().unwrap();
+
+    app.publish(&request).await;
+    let received = app.next_event().await;
+
+    assert_eq!(received.routing_key, "job.succeeded.team");
+    let record = received.event.record.expect("the team");
+    let team_id = record["id"].as_str().unwrap().to_owned();
+    assert_eq!(record["name"], "Preventers");
+    let heroes = record["heroes"].as_array().unwrap();
+    assert_eq!(heroes.len(), 3);
+    assert!(heroes.iter().all(|h| h["team_id"] == team_id.as_str() && h["id"].is_string()));
+    assert_eq!(app.count(&format!("SELECT count(*) FROM team WHERE id = '{team_id}'")).await, 1);
+    assert_eq!(app.count(&format!("SELECT count(*) FROM hero WHERE team_id = '{team_id}'")).await, 3);
+    assert_eq!(app.job(job_id).await.record_id.unwrap().to_string(), team_id);
+    let tool = &app.llm_requests().await[0]["tools"][0]["function"];
+    assert_eq!(tool["name"], "Team");
+    assert_eq!(tool["parameters"]["$defs"]["Hero"]["title"], "Hero");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_with_eleven_heroes_is_re_asked() {
+    let mut app = spawn_app().await;
+    answer_once(&app.llm, tool_call_completion("Team", &team_answer(11))).await;
+    answer_always(&app.llm, tool_call_completion("Team", &team_answer(2))).await;
+
+    app.publish(&request("team", "Make a big team")).await;
+    let received = app.next_event().await;
+
+    assert_eq!(received.routing_key, "job.succeeded.team");
+    assert_eq!(received.event.attempts, 2);
+    assert_eq!(received.event.usage.total_tokens, 240, "usage summed over the re-ask");
+    let calls = app.llm_requests().await;
+    let error = calls[1]["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap().to_owned();
+    assert!(error.contains("heroes: a team has 1 to 10 heroes, this one has 11"), "{error}");
+    assert_eq!(app.count("SELECT count(*) FROM hero").await, 2, "nothing of the rejected answer is stored");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_teams_empty_name_and_out_of_range_ages_are_re_asked() {
+    let mut app = spawn_app().await;
+    let nameless = json!({"name": " ", "headquarters": "HQ", "heroes": [{"name": "A", "secret_name": "B"}]});
+    let ancient = json!({"name": "T", "headquarters": "HQ", "heroes": [{"name": "A", "secret_name": "B", "age": 151}]});
+    answer_once(&app.llm, tool_call_completion("Team", &nameless.to_string())).await;
+    answer_once(&app.llm, tool_call_completion("Team", &ancient.to_string())).await;
+    answer_always(&app.llm, tool_call_completion("Team", &team_answer(1))).await;
+
+    app.publish(&request("team", "Make a team")).await;
+    let received = app.next_event().await;
+
+    assert_eq!(received.routing_key, "job.succeeded.team");
+    assert_eq!(received.event.attempts, 3);
+    let calls = app.llm_requests().await;
+    let last =
+        |i: usize| calls[i]["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap().to_owned();
+    assert!(last(1).contains("name: must not be empty"), "{}", last(1));
+    assert!(last(2).contains("heroes[0].age: must be from 0 to 150, got 151"), "{}", last(2));
+    app.stop().await;
+}
