@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: brings up PostgreSQL and RabbitMQ on loopback (installing them
 # if missing), checks the observability documents (installing promtool, which a test also
-# uses), runs the unit and integration tests, then the fault-injection suite (which restarts
-# RabbitMQ and Postgres, so it runs alone, one test at a time), then checks the deployment
-# files. The LLM is faked at the HTTP level.
+# uses), runs the unit and integration tests (the LLM faked at the HTTP level), then the
+# fault-injection suite (which restarts RabbitMQ and Postgres, so it runs alone, one test at a
+# time), then the end-to-end test against the real local model (scripts/local-llm.sh: installed
+# once into .venv, a few minutes the first time), then checks the deployment files.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -11,10 +12,13 @@ cd "$ROOT"
 "$ROOT/scripts/check-observability.sh"
 if cargo nextest --version >/dev/null 2>&1; then
   # Two threads: each integration test runs a daemon, a database and a fake LLM.
-  cargo nextest run --workspace --test-threads 2 --no-fail-fast -E 'not binary(chaos)'
+  cargo nextest run --workspace --test-threads 2 --no-fail-fast -E 'not binary(chaos) and not binary(local_model)'
   cargo nextest run --workspace --test-threads 1 --no-fail-fast -E 'binary(chaos)' --success-output immediate
 else
   cargo test --workspace --no-fail-fast --lib --bins --test api -- --test-threads 2
   cargo test --workspace --no-fail-fast --test chaos -- --test-threads 1 --nocapture
 fi
+"$ROOT/scripts/local-llm.sh" start
+INSTRUCTD_TEST_LOCAL_LLM_URL="$("$ROOT/scripts/local-llm.sh" url)" \
+  cargo test --workspace --no-fail-fast --test local_model -- --nocapture
 "$ROOT/scripts/check-deploy.sh"

@@ -176,8 +176,12 @@ where
 
 /// Parses the model's JSON answer into `T`, with an error that names the field and the
 /// problem (e.g. `secret_name: field required`), fit to send back to the model.
+///
+/// Raw control characters inside strings (a newline typed into a name), which strict JSON
+/// forbids but grammar-constrained local models emit, are escaped first.
 pub fn parse_answer<T: serde::de::DeserializeOwned>(answer: &str) -> Result<T, String> {
-    let mut deserializer = serde_json::Deserializer::from_str(answer);
+    let answer = escape_control_characters(answer);
+    let mut deserializer = serde_json::Deserializer::from_str(&answer);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
         let path = error.path().to_string();
         let inner = error.into_inner();
@@ -185,6 +189,38 @@ pub fn parse_answer<T: serde::de::DeserializeOwned>(answer: &str) -> Result<T, S
     })?;
     deserializer.end().map_err(|e| format!("the answer has trailing characters after the JSON object ({e})"))?;
     Ok(value)
+}
+
+/// `text` with every raw control character inside a JSON string escaped (`\n`, `\u0007`…).
+fn escape_control_characters(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 16);
+    let (mut in_string, mut backslash) = (false, false);
+    for c in text.chars() {
+        if in_string && c.is_control() && (c as u32) < 0x20 {
+            match c {
+                '\n' => escaped.push_str("\\n"),
+                '\r' => escaped.push_str("\\r"),
+                '\t' => escaped.push_str("\\t"),
+                other => escaped.push_str(&format!("\\u{:04x}", other as u32)),
+            }
+            backslash = false;
+            continue;
+        }
+        escaped.push(c);
+        if in_string {
+            match (c, backslash) {
+                ('\\', false) => backslash = true,
+                ('"', false) => in_string = false,
+                _ => backslash = false,
+            }
+        } else if c == '"' {
+            in_string = true;
+        }
+    }
+    std::borrow::Cow::Owned(escaped)
 }
 
 fn describe_json_error(path: &str, error: &serde_json::Error) -> String {
@@ -222,6 +258,15 @@ mod tests {
     fn broken_json_is_reported_as_such() {
         let error = parse_answer::<hero::Model>(r#"{"name": "a", "#).unwrap_err();
         assert!(error.starts_with("the answer is not valid JSON"), "{error}");
+    }
+
+    #[test]
+    fn raw_control_characters_inside_strings_are_tolerated() {
+        let model: hero::Model = parse_answer("{\"name\": \"Super\nman\", \"secret_name\": \"a\\\"\tb\"}").unwrap();
+        assert_eq!(model.name, "Super\nman");
+        assert_eq!(model.secret_name, "a\"\tb");
+        // Outside strings they are whitespace, as JSON allows.
+        assert!(parse_answer::<hero::Model>("{\n\"name\": \"a\",\n\"secret_name\": \"b\"}").is_ok());
     }
 
     #[test]

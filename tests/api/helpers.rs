@@ -226,7 +226,12 @@ impl TestApp {
 
     /// The next completion event on the events exchange.
     pub async fn next_event(&mut self) -> Received {
-        next_message(&mut self.events).await
+        self.next_event_within(PATIENCE).await
+    }
+
+    /// The next completion event, waiting at most `patience`.
+    pub async fn next_event_within(&mut self, patience: Duration) -> Received {
+        next_message_within(&mut self.events, patience).await
     }
 
     /// The next dead letter, polled with `basic.get` until one arrives.
