@@ -192,6 +192,23 @@ mod tests {
     }
 
     #[test]
+    fn the_team_schema_becomes_strict() {
+        let registry = crate::entities::Registry::builtin();
+        let strict = strict_schema(registry.get("team").unwrap().schema()).unwrap();
+        assert_eq!(strict["required"], json!(["name", "headquarters", "heroes"]));
+        assert_eq!(strict["additionalProperties"], false);
+        assert_eq!(strict["properties"]["heroes"]["items"], json!({"$ref": "#/$defs/Hero"}));
+        let hero = &strict["$defs"]["Hero"];
+        assert_eq!(hero["required"], json!(["name", "secret_name", "age"]));
+        assert_eq!(hero["additionalProperties"], false);
+        assert_eq!(
+            hero["properties"]["age"],
+            json!({"anyOf": [{"maximum": 150, "minimum": 0, "type": "integer"}, {"type": "null"}], "title": "Age"}),
+            "nullable, without its default"
+        );
+    }
+
+    #[test]
     fn a_map_is_refused_naming_its_field() {
         let schema = json!({
             "type": "object",

@@ -191,3 +191,22 @@ async fn an_answer_cut_off_twice_fails_the_job_with_kind_llm() {
     assert_eq!(app.job(job_id).await.responses.as_array().unwrap().len(), 2, "both responses are kept");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_to_another_function_or_no_call_at_all_is_re_asked() {
+    let mut app = spawn_app().await;
+    answer_once(&app.llm, tool_call_completion("Villain", GOOD)).await;
+    answer_once(&app.llm, text_completion("Sure, here is a hero: Superman.")).await;
+    answer_always(&app.llm, tool_call_completion("Hero", GOOD)).await;
+
+    app.publish(&request("hero", "Make a hero")).await;
+    let received = app.next_event().await;
+
+    assert_eq!(received.routing_key, "job.succeeded.hero");
+    assert_eq!(received.event.attempts, 3);
+    let calls = app.llm_requests().await;
+    let last = |i: usize| content(calls[i]["messages"].as_array().unwrap().last().unwrap()).to_owned();
+    assert!(last(1).contains("the function `Villain` was called instead of `Hero`"), "{}", last(1));
+    assert!(last(2).contains("no call to the function `Hero` was made"), "{}", last(2));
+    app.stop().await;
+}
