@@ -57,7 +57,8 @@ pub struct EnqueueArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub count: u32,
     /// Wait for the completion events and print them (JSON; one line each when --count > 1),
-    /// with a progress bar on a terminal. Exit 1 if a job failed, 2 on time-out.
+    /// with a progress bar on a terminal. Exit 1 if a job failed, 2 on time-out, 3 if the
+    /// requests could not be enqueued.
     #[arg(long)]
     pub wait: bool,
     /// With --wait: how long to wait for all events, in seconds.

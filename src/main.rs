@@ -78,10 +78,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config => print!("{}", settings.to_redacted_toml()),
         Command::Enqueue(args) => {
             telemetry::init(&settings.log);
-            match enqueue::enqueue(&settings, *args).await? {
-                enqueue::Outcome::Succeeded => {}
-                enqueue::Outcome::Failed => return Ok(ExitCode::from(1)),
-                enqueue::Outcome::TimedOut => return Ok(ExitCode::from(2)),
+            match enqueue::enqueue(&settings, *args).await {
+                Ok(enqueue::Outcome::Succeeded) => {}
+                Ok(enqueue::Outcome::Failed) => return Ok(ExitCode::from(1)),
+                Ok(enqueue::Outcome::TimedOut) => return Ok(ExitCode::from(2)),
+                // Nothing (or not everything) was enqueued: not the same as a failed job.
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    return Ok(ExitCode::from(3));
+                }
             }
         }
         Command::Schema { .. } => unreachable!("handled above"),

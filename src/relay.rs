@@ -11,7 +11,6 @@ use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, TransactionTrait, Va
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{PublishError, Publisher};
-use crate::metrics;
 use crate::store::OutboxEvent;
 use crate::store::{Store, outbox_event_from_row};
 
@@ -70,13 +69,8 @@ pub async fn deliver(db: &impl ConnectionTrait, publisher: &Publisher, event: &O
 }
 
 /// Relays pending events every `interval` until `stop` is cancelled.
-/// Also keeps the outbox backlog metric current.
 pub async fn run(store: Store, publisher: Publisher, interval: Duration, stop: CancellationToken) {
     loop {
-        match count_pending(&store).await {
-            Ok(pending) => metrics::outbox_pending(pending),
-            Err(error) => tracing::debug!(%error, "counting pending events failed"),
-        }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = stop.cancelled() => return,

@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use lapin::options::BasicCancelOptions;
 use metrics_exporter_prometheus::PrometheusHandle;
 use migration::MigratorTrait;
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement, TransactionTrait};
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -62,11 +62,19 @@ const MIGRATION_LOCK: i64 = 0x696e_7374_7275_6364;
 /// without it they race to create the same tables and all but one fail.
 pub async fn migrate(settings: &Settings, db: &DatabaseConnection) -> anyhow::Result<()> {
     let lock = connect_pool(settings, 1).await?;
-    let statement = |sql: &str| Statement::from_sql_and_values(DbBackend::Postgres, sql, [MIGRATION_LOCK.into()]);
-    lock.execute_raw(statement("SELECT pg_advisory_lock($1)")).await.context("waiting for the migration lock")?;
+    // A transaction pins its connection (the pool cannot recycle it mid-migration), and a
+    // transaction-level lock ends with it, even if this process dies.
+    let holder = lock.begin().await?;
+    holder
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pg_advisory_xact_lock($1)",
+            [MIGRATION_LOCK.into()],
+        ))
+        .await
+        .context("waiting for the migration lock")?;
     let migrated = migration::Migrator::up(db, None).await.context("applying migrations failed");
-    // Closing the session releases the lock too; unlocking first frees it without waiting for that.
-    let _ = lock.execute_raw(statement("SELECT pg_advisory_unlock($1)")).await;
+    let _ = holder.commit().await;
     let _ = lock.close().await;
     migrated
 }
@@ -82,6 +90,12 @@ impl Application {
             migrate(&settings, &db).await?;
         }
         let registry = Registry::builtin();
+        if settings.llm.strict {
+            for name in registry.names() {
+                crate::llm::strict::strict_schema(registry.get(name).expect("a registered name").schema())
+                    .map_err(|why| anyhow::anyhow!("llm.strict: the schema of `{name}` cannot be strict: {why}"))?;
+            }
+        }
         let metrics = metrics::install(registry.names());
         let llm = LlmClient::new(&settings.llm, settings.llm_max_concurrency())?;
         let stop = CancellationToken::new();
@@ -115,12 +129,18 @@ impl Application {
         tracing::info!(%http_addr, "serving /healthz, /readyz and /metrics");
         let http = tokio::spawn(http::serve(listener, health.clone(), metrics.clone(), http_stop.clone()));
         tokio::spawn({
-            // Folds recorded histogram samples into buckets even when nobody scrapes.
+            // Folds recorded histogram samples into buckets even when nobody scrapes, and
+            // keeps the outbox backlog current, broker session or not.
             let http_stop = http_stop.clone();
+            let store = worker.store.clone();
             async move {
                 let mut upkeep = tokio::time::interval(Duration::from_secs(5));
                 while tokio::select! { _ = upkeep.tick() => true, _ = http_stop.cancelled() => false } {
                     metrics.run_upkeep();
+                    match relay::count_pending(&store).await {
+                        Ok(pending) => crate::metrics::outbox_pending(pending),
+                        Err(error) => tracing::debug!(%error, "counting pending events failed"),
+                    }
                 }
             }
         });
@@ -173,9 +193,15 @@ async fn run_session(
     topology::declare(&publish_connection.create_channel().await?, &settings.broker)
         .await
         .context("declaring the topology failed")?;
-    let publisher =
-        Publisher::open(&publish_connection, &settings.broker.events_exchange, &settings.broker.dead_letter_queue)
-            .await?;
+    // Enough channels that jobs rarely wait for one to announce their event.
+    let channels = usize::from(settings.worker.concurrency).clamp(1, 16);
+    let publisher = Publisher::open(
+        &publish_connection,
+        channels,
+        &settings.broker.events_exchange,
+        &settings.broker.dead_letter_queue,
+    )
+    .await?;
     let (channel, mut consumer) = consumer::consume_requests(&consume_connection, settings).await?;
     tracing::info!(
         queue = %settings.broker.request_queue,

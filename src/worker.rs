@@ -115,25 +115,31 @@ impl Worker {
             self.settings.broker.delivery_limit
         );
         tracing::error!(%reason, "giving up on a job");
-        if let Err(error) = publisher.dead_letter(&delivery.data, &delivery.properties, &reason).await {
-            tracing::error!(%error, "cannot dead-letter the message; leaving it for redelivery");
-            return requeue(&delivery).await;
-        }
-        metrics::dead_lettered_poison(job.kind.name());
         let failure = JobError::new(ErrorKind::Internal, reason);
         let trace = llm::CallTrace::default();
         let outcome = Outcome { result: Err(&failure), trace: &trace };
-        match self.with_db_retries(|| self.store.record_outcome(&record, token, &outcome)).await {
+        // The claim stays renewed while the broker confirms the copy and the failure commits
+        // (a blocked broker may take a while).
+        let settled = tokio::select! {
+            settled = async {
+                publisher.dead_letter(&delivery.data, &delivery.properties, &failure.message).await.map_err(|error| {
+                    tracing::error!(%error, "cannot dead-letter the message; leaving it for redelivery");
+                })?;
+                self.with_db_retries(|| self.store.record_outcome(&record, token, &outcome)).await.map_err(|reason| {
+                    tracing::warn!(%reason, "job left for redelivery");
+                })
+            } => settled,
+            never = self.renew_lease(job, token) => match never {},
+        };
+        match settled {
             Ok(event) => {
                 acknowledge(&delivery).await;
                 if let Some(event) = event {
+                    metrics::dead_lettered_poison(job.kind.name());
                     self.announce(publisher, &event).await;
                 }
             }
-            Err(reason) => {
-                tracing::warn!(%reason, "job left for redelivery");
-                requeue(&delivery).await;
-            }
+            Err(()) => requeue(&delivery).await,
         }
     }
 
@@ -181,30 +187,32 @@ impl Worker {
             never = self.renew_lease(job, token) => match never {},
         };
         let record = job.record();
+        let failure;
         let mut outcome = Outcome { result: generation.outcome.as_ref().map(|r| r.as_ref()), trace: &generation.trace };
         let stored = match self.with_db_retries(|| self.store.record_outcome(&record, token, &outcome)).await {
             Err(Abandon::Database(error)) => {
                 // The record itself cannot be stored (a constraint the schema did not
                 // express): the job fails for good rather than looping on redelivery.
                 tracing::error!(error = %error, "storing the record failed; failing the job");
-                let failure = JobError::new(ErrorKind::Internal, format!("the record could not be stored: {error}"));
+                failure = JobError::new(ErrorKind::Internal, format!("the record could not be stored: {error}"));
                 outcome.result = Err(&failure);
                 self.with_db_retries(|| self.store.record_outcome(&record, token, &outcome)).await?
             }
             other => other?,
         };
-        if stored.is_some() {
-            let outcome = generation.outcome.as_ref().map(|_| ()).map_err(|error| error.kind);
-            metrics::job_finished(job.kind.name(), outcome, started.elapsed());
-        }
-        match &stored {
-            Some(_) => match &generation.outcome {
-                Ok(_) => {
-                    tracing::info!(attempts = generation.trace.attempts, elapsed = ?started.elapsed(), "job succeeded")
-                }
-                Err(error) => tracing::warn!(kind = ?error.kind, error = %error.message, "job failed"),
-            },
-            None => tracing::warn!("the job's lease expired and another worker took it over; dropping this result"),
+        // What was committed, not what was generated: they differ when storing failed.
+        match (&stored, outcome.result) {
+            (Some(_), Ok(_)) => {
+                metrics::job_finished(job.kind.name(), Ok(()), started.elapsed());
+                tracing::info!(attempts = generation.trace.attempts, elapsed = ?started.elapsed(), "job succeeded")
+            }
+            (Some(_), Err(error)) => {
+                metrics::job_finished(job.kind.name(), Err(error.kind), started.elapsed());
+                tracing::warn!(kind = ?error.kind, error = %error.message, "job failed")
+            }
+            (None, _) => {
+                tracing::warn!("the job's lease expired and another worker took it over; dropping this result")
+            }
         }
         Ok(stored)
     }

@@ -1,9 +1,13 @@
 //! Publishing with publisher confirms. A publish succeeds only when the broker confirmed
 //! it; a nack, or a mandatory message returned as unroutable, is an error.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use tokio::sync::Mutex;
 
 use crate::store::OutboxEvent;
 
@@ -20,28 +24,45 @@ pub enum PublishError {
     Returned(String),
 }
 
-/// A confirm-mode channel on the publishing connection. Cheap to clone; safe to share.
+/// Confirm-mode channels on the publishing connection, each carrying one publish at a time.
+/// Cheap to clone; safe to share.
+///
+/// One at a time per channel, because lapin hands a returned (unroutable) message to
+/// whichever confirm completes next on its channel: with several publishes in flight, and
+/// the broker acking them together, an unroutable event could be taken for confirmed and a
+/// routed one for returned. A few channels keep publishes concurrent.
 #[derive(Clone)]
 pub struct Publisher {
-    channel: Channel,
+    channels: Arc<[(Channel, Mutex<()>)]>,
+    next: Arc<AtomicUsize>,
     events_exchange: String,
     dead_letter_queue: String,
 }
 
 impl Publisher {
-    /// Opens a channel in confirm mode.
-    pub async fn open(connection: &Connection, events_exchange: &str, dead_letter_queue: &str) -> lapin::Result<Self> {
-        let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    /// Opens `channels` channels in confirm mode.
+    pub async fn open(
+        connection: &Connection,
+        channels: usize,
+        events_exchange: &str,
+        dead_letter_queue: &str,
+    ) -> lapin::Result<Self> {
+        let mut opened = Vec::with_capacity(channels.max(1));
+        for _ in 0..channels.max(1) {
+            let channel = connection.create_channel().await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            opened.push((channel, Mutex::new(())));
+        }
         Ok(Self {
-            channel,
+            channels: opened.into(),
+            next: Arc::new(AtomicUsize::new(0)),
             events_exchange: events_exchange.to_owned(),
             dead_letter_queue: dead_letter_queue.to_owned(),
         })
     }
 
     pub fn is_open(&self) -> bool {
-        self.channel.status().connected()
+        self.channels.iter().all(|(channel, _)| channel.status().connected())
     }
 
     /// Publishes a completion event to the events exchange, `mandatory`: it succeeds only
@@ -78,8 +99,9 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let confirm = self
-            .channel
+        let (channel, in_use) = &self.channels[self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len()];
+        let _one_at_a_time = in_use.lock().await;
+        let confirm = channel
             .basic_publish(
                 exchange.into(),
                 short(routing_key),

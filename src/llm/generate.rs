@@ -52,8 +52,9 @@ pub async fn generate(client: &LlmClient, settings: &LlmSettings, prompt: Prompt
     let strategy = match Strategy::new(prompt.mode, prompt.kind, settings.strict) {
         Ok(strategy) => strategy,
         Err(why) => {
+            // Start-up checks every entity (startup.rs), so this is a fault of the build.
             let message = format!("the schema of `{}` cannot be sent in strict mode: {why}", prompt.kind.name());
-            return Generation { outcome: Err(JobError::new(ErrorKind::InvalidRequest, message)), trace };
+            return Generation { outcome: Err(JobError::new(ErrorKind::Internal, message)), trace };
         }
     };
     let start = strategy.conversation(to_openai_messages(prompt.messages));

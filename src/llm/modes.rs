@@ -36,6 +36,8 @@ impl Strategy {
     /// The strategy for `kind` in `mode`. Fails (with a message naming the field) only when
     /// `strict` asks for a schema strict mode cannot express.
     pub fn new(mode: Mode, kind: &dyn EntityKind, strict: bool) -> Result<Self, String> {
+        // Strict applies where the API has it: the tool's function and json_schema.
+        let strict = strict && mode != Mode::Json;
         let schema = if strict { strict_schema(kind.schema())? } else { kind.schema().clone() };
         Ok(match mode {
             Mode::Tools => Strategy::Tools(ToolSpec::new(kind.title(), &schema, strict)),

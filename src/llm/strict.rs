@@ -63,7 +63,11 @@ fn rewrite(node: &mut Value, definitions: &Value, path: &str, depth: usize) -> R
             .and_then(Value::as_array)
             .map(|r| r.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
             .unwrap_or_default();
-        let properties = object.get_mut("properties").and_then(Value::as_object_mut).expect("checked above");
+        let properties = object
+            .entry("properties")
+            .or_insert_with(|| Value::Object(Default::default()))
+            .as_object_mut()
+            .ok_or_else(|| format!("{}: `properties` is not an object", display(path)))?;
         let mut all = Vec::with_capacity(properties.len());
         for (name, property) in properties.iter_mut() {
             let field = if path.is_empty() { name.clone() } else { format!("{path}.{name}") };
@@ -205,6 +209,15 @@ mod tests {
             hero["properties"]["age"],
             json!({"anyOf": [{"maximum": 150, "minimum": 0, "type": "integer"}, {"type": "null"}], "title": "Age"}),
             "nullable, without its default"
+        );
+    }
+
+    #[test]
+    fn a_closed_object_without_properties_stays_one() {
+        let schema = json!({"type": "object", "additionalProperties": false});
+        assert_eq!(
+            strict_schema(&schema).unwrap(),
+            json!({"type": "object", "additionalProperties": false, "properties": {}, "required": []})
         );
     }
 

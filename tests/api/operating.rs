@@ -209,3 +209,58 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     }
     names
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_and_unroutable_events_published_together_are_told_apart() {
+    // Only succeeded events have a queue; failed ones come back. Many at once: each event's
+    // own fate must decide its row. (lapin gives a returned message to whichever confirm
+    // completes next on the channel, so the publisher keeps one publish in flight per
+    // channel; this loopback broker rarely batches confirms, so the test guards the outcome
+    // rather than reproducing that race.)
+    let llm = MockServer::start().await;
+    let mut env = test_env(&llm, &create_database().await);
+    env.insert("INSTRUCTD__WORKER__CONCURRENCY".into(), "16".into());
+    let settings = instructd::config::Settings::load_from(None, env).unwrap();
+    let mut app = spawn_app_listening(settings, llm, "job.succeeded.#").await;
+    answer_always(&app.llm, tool_call_completion("Hero", GOOD)).await;
+    let jobs = 40;
+    for i in 0..jobs {
+        if i % 2 == 0 {
+            app.publish(&request("hero", "Make a hero")).await;
+        } else {
+            // Empty messages: dead-lettered, and a job.failed.hero event nobody is bound for.
+            app.publish(&serde_json::json!({"job_id": uuid::Uuid::new_v4(), "entity": "hero", "messages": []})).await;
+        }
+    }
+    for _ in 0..jobs / 2 {
+        assert_eq!(app.next_event().await.routing_key, "job.succeeded.hero");
+    }
+    let settled = |sql: &'static str, n: i64| {
+        let app = &app;
+        async move { wait_for(|| async { app.count(sql).await == n }).await }
+    };
+    assert!(
+        settled(
+            "SELECT count(*) FROM event_outbox WHERE routing_key = 'job.succeeded.hero' AND published_at IS NOT NULL",
+            20
+        )
+        .await
+    );
+    assert!(
+        settled(
+            "SELECT count(*) FROM event_outbox WHERE routing_key = 'job.failed.hero' AND published_at IS NULL \
+                 AND last_error LIKE '%NO_ROUTE%'",
+            20
+        )
+        .await,
+        "every unroutable event stays pending"
+    );
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM event_outbox WHERE routing_key = 'job.failed.hero' AND published_at IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    app.stop().await;
+}
