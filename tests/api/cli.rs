@@ -1,8 +1,8 @@
 //! The command line: `schema` and `config`, run as the real binary.
 
-use std::process::Command;
-
 use serde_json::Value;
+
+use crate::helpers::instructd_binary;
 
 /// The seed's schema, as Instructor sends it for the Python `Hero` model.
 const SEED_SCHEMA: &str = r#"
@@ -13,12 +13,7 @@ const SEED_SCHEMA: &str = r#"
 "#;
 
 fn instructd(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_instructd"));
-    command.args(args).env_remove("OPENAI_API_KEY").env_remove("INSTRUCTD_CONFIG");
-    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("INSTRUCTD__")) {
-        command.env_remove(key);
-    }
-    command.envs(env.iter().copied()).output().expect("instructd runs")
+    instructd_binary().args(args).envs(env.iter().copied()).output().expect("instructd runs")
 }
 
 #[test]

@@ -3,8 +3,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::{MockServer, ResponseTemplate};
 
 use crate::helpers::*;
 
@@ -71,14 +70,9 @@ async fn messages_file_is_the_conversation_and_a_failed_job_exits_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_past_the_timeout_exits_two() {
     let llm = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(tool_call_completion("Hero", GOOD))
-                .set_delay(Duration::from_secs(20)),
-        )
-        .mount(&llm)
-        .await;
+    let slow =
+        ResponseTemplate::new(200).set_body_json(tool_call_completion("Hero", GOOD)).set_delay(Duration::from_secs(20));
+    respond_always(&llm, slow).await;
     let settings = test_settings(&llm, &create_database().await).await;
     let app = spawn_app_with(settings, llm).await;
 

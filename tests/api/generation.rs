@@ -163,13 +163,9 @@ async fn correlation_id_and_reply_to_are_honoured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_error_fails_the_job_with_kind_llm_without_re_asking() {
     let mut app = spawn_app().await;
-    wiremock::Mock::given(wiremock::matchers::method("POST"))
-        .respond_with(
-            wiremock::ResponseTemplate::new(401)
-                .set_body_json(json!({"error": {"message": "Incorrect API key provided: sk-test-key-0123456789"}})),
-        )
-        .mount(&app.llm)
-        .await;
+    let unauthorized = wiremock::ResponseTemplate::new(401)
+        .set_body_json(json!({"error": {"message": "Incorrect API key provided: sk-test-key-0123456789"}}));
+    respond_always(&app.llm, unauthorized).await;
 
     app.publish(&request("hero", "Make a hero")).await;
     let received = app.next_event().await;

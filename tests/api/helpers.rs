@@ -78,6 +78,17 @@ pub fn test_env(llm: &MockServer, database_url: &str) -> HashMap<String, String>
     .collect()
 }
 
+/// The real `instructd` binary, with no configuration inherited from the developer's
+/// environment (`INSTRUCTD__*`, `INSTRUCTD_CONFIG`, `OPENAI_API_KEY`).
+pub fn instructd_binary() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_instructd"));
+    command.env_remove("OPENAI_API_KEY").env_remove("INSTRUCTD_CONFIG");
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("INSTRUCTD__")) {
+        command.env_remove(key);
+    }
+    command
+}
+
 /// Creates an empty database and returns its URL.
 pub async fn create_database() -> String {
     let admin_url = admin_database_url();
@@ -308,11 +319,7 @@ impl TestApp {
     /// `instructd` (the real binary) configured for this test's broker names.
     pub fn instructd_command(&self) -> tokio::process::Command {
         let broker = &self.settings.broker;
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_instructd"));
-        command.env_remove("OPENAI_API_KEY").env_remove("INSTRUCTD_CONFIG");
-        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("INSTRUCTD__")) {
-            command.env_remove(key);
-        }
+        let mut command = tokio::process::Command::from(instructd_binary());
         command
             .env("INSTRUCTD__BROKER__URL", broker_url())
             .env("INSTRUCTD__BROKER__REQUEST_QUEUE", &broker.request_queue)
@@ -400,51 +407,44 @@ where
 
 /// A chat completion whose answer is a call of `function` with `arguments`.
 pub fn tool_call_completion(function: &str, arguments: &str) -> Value {
-    json!({
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "fake-model",
-        "choices": [{
-            "index": 0,
-            "message": {
-                "role": "assistant",
-                "content": null,
-                "tool_calls": [{
-                    "id": format!("call_{}", Uuid::new_v4().simple()),
-                    "type": "function",
-                    "function": {"name": function, "arguments": arguments}
-                }]
-            },
-            "finish_reason": "tool_calls"
-        }],
-        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
-    })
+    let call = json!({
+        "id": format!("call_{}", Uuid::new_v4().simple()),
+        "type": "function",
+        "function": {"name": function, "arguments": arguments}
+    });
+    completion(json!({"role": "assistant", "content": null, "tool_calls": [call]}), "tool_calls")
 }
 
 /// A chat completion whose answer is the text `content` (the JSON modes).
 pub fn text_completion(content: &str) -> Value {
+    completion(json!({"role": "assistant", "content": content}), "stop")
+}
+
+/// A chat completion of one choice, `message`, costing 100 + 20 tokens.
+fn completion(message: Value, finish_reason: &str) -> Value {
     json!({
         "id": "chatcmpl-1",
         "object": "chat.completion",
         "created": 1,
         "model": "fake-model",
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": content},
-            "finish_reason": "stop"
-        }],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
     })
 }
 
 /// The fake LLM answers every call with `body`.
 pub async fn answer_always(llm: &MockServer, body: Value) {
-    Mock::given(method("POST"))
-        .and(path("/v1/chat/completions"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(body))
-        .mount(llm)
-        .await;
+    respond_always(llm, ResponseTemplate::new(200).set_body_json(body)).await;
+}
+
+/// The fake LLM responds to every call with `response` (an error status, a delay…).
+pub async fn respond_always(llm: &MockServer, response: ResponseTemplate) {
+    chat_completions(response).mount(llm).await;
+}
+
+/// A mock of the chat-completions endpoint that responds with `response`.
+pub fn chat_completions(response: ResponseTemplate) -> Mock {
+    Mock::given(method("POST")).and(path("/v1/chat/completions")).respond_with(response)
 }
 
 /// The fake LLM answers the next call with `body`, before any `answer_always` mock.
@@ -454,13 +454,7 @@ pub async fn answer_once(llm: &MockServer, body: Value) {
 
 /// The fake LLM responds to the next call with `response`, before any `answer_always` mock.
 pub async fn respond_once(llm: &MockServer, response: ResponseTemplate) {
-    Mock::given(method("POST"))
-        .and(path("/v1/chat/completions"))
-        .respond_with(response)
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(llm)
-        .await;
+    chat_completions(response).up_to_n_times(1).with_priority(1).mount(llm).await;
 }
 
 fn init_test_logs() {

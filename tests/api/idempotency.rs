@@ -28,14 +28,10 @@ async fn the_same_request_delivered_twice_stores_one_row_and_announces_twice() {
 async fn two_copies_delivered_at_once_store_one_row() {
     let mut app = spawn_app().await;
     // A slow model keeps the first copy in flight while the second one arrives.
-    wiremock::Mock::given(wiremock::matchers::method("POST"))
-        .respond_with(
-            wiremock::ResponseTemplate::new(200)
-                .set_body_json(tool_call_completion("Hero", r#"{"name": "A", "secret_name": "B"}"#))
-                .set_delay(std::time::Duration::from_millis(700)),
-        )
-        .mount(&app.llm)
-        .await;
+    let slow = wiremock::ResponseTemplate::new(200)
+        .set_body_json(tool_call_completion("Hero", r#"{"name": "A", "secret_name": "B"}"#))
+        .set_delay(std::time::Duration::from_millis(700));
+    respond_always(&app.llm, slow).await;
     let request = request("hero", "Make a new superhero");
 
     app.publish(&request).await;

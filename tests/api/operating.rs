@@ -7,8 +7,7 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::{MockServer, ResponseTemplate};
 
 use crate::helpers::*;
 
@@ -92,14 +91,9 @@ fn promtool_check_metrics(exposition: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_fails_while_draining_and_the_job_in_flight_still_finishes() {
     let llm = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(tool_call_completion("Hero", GOOD))
-                .set_delay(Duration::from_secs(3)),
-        )
-        .mount(&llm)
-        .await;
+    let slow =
+        ResponseTemplate::new(200).set_body_json(tool_call_completion("Hero", GOOD)).set_delay(Duration::from_secs(3));
+    respond_always(&llm, slow).await;
     let settings = test_settings(&llm, &create_database().await).await;
     let mut app = spawn_app_with(settings, llm).await;
     assert!(wait_for(|| async { app.get("/readyz").await.0 == 200 }).await);

@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use instructd::contract::ErrorKind;
 use serde_json::json;
-use wiremock::matchers::method;
-use wiremock::{Mock, ResponseTemplate};
+use wiremock::ResponseTemplate;
 
 use crate::helpers::*;
 
@@ -36,10 +35,7 @@ async fn a_429_is_retried_after_its_retry_after_and_then_succeeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_past_the_retry_budget_fail_the_job_with_kind_llm() {
     let mut app = spawn_app().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(503).set_body_string("upstream overloaded"))
-        .mount(&app.llm)
-        .await;
+    respond_always(&app.llm, ResponseTemplate::new(503).set_body_string("upstream overloaded")).await;
 
     app.publish(&request("hero", "Make a hero")).await;
     let received = app.next_event().await;
@@ -95,14 +91,10 @@ async fn a_refusal_fails_the_job_with_kind_refused_without_re_asking() {
 async fn a_burst_of_429s_lowers_the_concurrency_limit_and_successes_raise_it_again() {
     // Four jobs at once (worker.concurrency), every call rate limited.
     let mut app = spawn_app().await;
-    let storm = Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(429)
-                .insert_header("retry-after", "0")
-                .set_body_json(json!({"error": {"message": "Rate limit reached"}})),
-        )
-        .mount_as_scoped(&app.llm)
-        .await;
+    let rate_limited = ResponseTemplate::new(429)
+        .insert_header("retry-after", "0")
+        .set_body_json(json!({"error": {"message": "Rate limit reached"}}));
+    let storm = chat_completions(rate_limited).mount_as_scoped(&app.llm).await;
     let limit = |m: &str| metric_sample(m, "instructd_llm_concurrency_limit", &[]);
     assert_eq!(limit(&app.get("/metrics").await.1), Some(4.0), "the limit starts at worker.concurrency");
     for _ in 0..4 {

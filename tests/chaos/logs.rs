@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
+use crate::helpers::chat_completions;
 use serde_json::json;
-use wiremock::matchers::method;
-use wiremock::{Mock, ResponseTemplate};
+use wiremock::ResponseTemplate;
 
 use crate::support::*;
 
@@ -22,14 +22,9 @@ async fn no_log_line_at_any_level_shows_the_api_key() {
             &[("INSTRUCTD__LOG__FORMAT", format), ("INSTRUCTD__LOG__LEVEL", "trace")],
         )
         .await;
-        Mock::given(method("POST"))
-            .respond_with(
-                ResponseTemplate::new(401)
-                    .set_body_json(json!({"error": {"message": format!("Incorrect API key: {KEY}")}})),
-            )
-            .with_priority(1)
-            .mount(&scenario.llm)
-            .await;
+        let echoing = ResponseTemplate::new(401)
+            .set_body_json(json!({"error": {"message": format!("Incorrect API key: {KEY}")}}));
+        chat_completions(echoing).with_priority(1).mount(&scenario.llm).await;
         let mut daemon = scenario.start();
         let ids = scenario.enqueue(3).await;
         let (_, announced) = scenario.collect_events(&ids, LONG).await;

@@ -12,11 +12,12 @@ use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
 use serde_json::json;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::{MockServer, ResponseTemplate};
 
 pub use crate::helpers::wait_until;
-use crate::helpers::{broker_url, create_database, listen, test_env, tool_call_completion};
+use crate::helpers::{
+    broker_url, create_database, instructd_binary, listen, respond_always, test_env, tool_call_completion,
+};
 
 /// One scenario: a database, names, a slow fake LLM, and the daemon's environment.
 pub struct Scenario {
@@ -36,14 +37,8 @@ impl Scenario {
     /// `llm_delay` is how long each model call takes; `overrides` are extra settings.
     pub async fn new(name: &'static str, llm_delay: Duration, overrides: &[(&str, &str)]) -> Self {
         let llm = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(
-                ResponseTemplate::new(200)
-                    .set_body_json(tool_call_completion("Hero", r#"{"name": "Chaos", "secret_name": "Monkey"}"#))
-                    .set_delay(llm_delay),
-            )
-            .mount(&llm)
-            .await;
+        let answer = tool_call_completion("Hero", r#"{"name": "Chaos", "secret_name": "Monkey"}"#);
+        respond_always(&llm, ResponseTemplate::new(200).set_body_json(answer).set_delay(llm_delay)).await;
         let database_url = create_database().await;
         let mut env = test_env(&llm, &database_url);
         env.insert("INSTRUCTD__LOG__FORMAT".into(), "json".into());
@@ -101,12 +96,9 @@ impl Scenario {
         let path = self.log_path(self.runs);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         let log = std::fs::File::create(path).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_instructd"));
-        command.arg("run").env_remove("OPENAI_API_KEY").env_remove("INSTRUCTD_CONFIG");
-        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("INSTRUCTD__")) {
-            command.env_remove(key);
-        }
+        let mut command = Command::from(instructd_binary());
         command
+            .arg("run")
             .envs(&self.env)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
