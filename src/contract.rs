@@ -29,7 +29,7 @@ pub struct GenerationRequest {
 }
 
 /// How the schema is sent to the model (Instructor's modes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// The schema as a function tool named after its title, forced with `tool_choice`.
@@ -39,6 +39,10 @@ pub enum Mode {
     /// `response_format: json_schema` (strict when `llm.strict`), the schema also in a
     /// system message.
     JsonSchema,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::Tools, Mode::Json, Mode::JsonSchema];
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]

@@ -25,6 +25,7 @@ use crate::config::{Settings, redacted_url};
 use crate::entities::Registry;
 use crate::http::Health;
 use crate::llm::LlmClient;
+use crate::llm::modes::Strategies;
 use crate::store::Store;
 use crate::worker::Worker;
 use crate::{http, metrics, relay};
@@ -90,12 +91,8 @@ impl Application {
             migrate(&settings, &db).await?;
         }
         let registry = Registry::builtin();
-        if settings.llm.strict {
-            for name in registry.names() {
-                crate::llm::strict::strict_schema(registry.get(name).expect("a registered name").schema())
-                    .map_err(|why| anyhow::anyhow!("llm.strict: the schema of `{name}` cannot be strict: {why}"))?;
-            }
-        }
+        let strategies =
+            Strategies::new(&registry, settings.llm.strict).map_err(|why| anyhow::anyhow!("llm.strict: {why}"))?;
         let metrics = metrics::install(registry.names());
         let llm = LlmClient::new(&settings.llm, settings.llm_max_concurrency())?;
         let stop = CancellationToken::new();
@@ -106,6 +103,7 @@ impl Application {
             registry,
             store: Store::new(db),
             llm,
+            strategies,
             stop,
             abort: CancellationToken::new(),
         };

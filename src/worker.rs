@@ -17,6 +17,7 @@ use crate::config::Settings;
 use crate::contract::{ErrorKind, JobError};
 use crate::decode::{Job, Rejection, decode};
 use crate::entities::Registry;
+use crate::llm::modes::Strategies;
 use crate::llm::{self, LlmClient, generate::Prompt};
 use crate::metrics;
 use crate::relay::{self, Undelivered};
@@ -28,6 +29,8 @@ pub struct Worker {
     pub registry: Registry,
     pub store: Store,
     pub llm: LlmClient,
+    /// How each entity is asked for in each mode.
+    pub strategies: Strategies,
     /// Cancelled when the process stops taking new jobs (first signal).
     pub stop: CancellationToken,
     /// Cancelled when the shutdown grace period is over: give up and leave the delivery
@@ -175,7 +178,7 @@ impl Worker {
             kind: job.kind.as_ref(),
             messages: &job.request.messages,
             model: &job.model,
-            mode: job.mode,
+            strategy: self.strategies.get(job.kind.name(), job.mode),
             max_retries: job.max_retries,
             deadline: started + Duration::from_secs(self.settings.llm.job_timeout_secs),
         };

@@ -10,7 +10,7 @@ use super::client::{CallError, LlmClient};
 use super::modes::Strategy;
 use super::tools::{Answer, to_openai_messages};
 use crate::config::{LlmSettings, ReaskHistory};
-use crate::contract::{ChatMessage, ErrorKind, JobError, Mode, Usage};
+use crate::contract::{ChatMessage, ErrorKind, JobError, Usage};
 use crate::entities::{EntityKind, Record};
 use crate::metrics;
 
@@ -19,7 +19,8 @@ pub struct Prompt<'a> {
     pub kind: &'a dyn EntityKind,
     pub messages: &'a [ChatMessage],
     pub model: &'a str,
-    pub mode: Mode,
+    /// How the schema is sent (the job's mode).
+    pub strategy: &'a Strategy,
     /// Re-asks allowed after the first answer.
     pub max_retries: u32,
     /// When the whole job (calls, re-asks, waits) must be over.
@@ -49,14 +50,7 @@ pub struct Generation {
 /// fails the job with kind `llm`.
 pub async fn generate(client: &LlmClient, settings: &LlmSettings, prompt: Prompt<'_>) -> Generation {
     let mut trace = CallTrace::default();
-    let strategy = match Strategy::new(prompt.mode, prompt.kind, settings.strict) {
-        Ok(strategy) => strategy,
-        Err(why) => {
-            // Start-up checks every entity (startup.rs), so this is a fault of the build.
-            let message = format!("the schema of `{}` cannot be sent in strict mode: {why}", prompt.kind.name());
-            return Generation { outcome: Err(JobError::new(ErrorKind::Internal, message)), trace };
-        }
-    };
+    let strategy = prompt.strategy;
     let start = strategy.conversation(to_openai_messages(prompt.messages));
     let mut messages = start.clone();
     let mut reasks = 0;

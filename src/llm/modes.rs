@@ -7,6 +7,8 @@
 //!   taken out of a Markdown code fence if the model wrapped it in one; a re-ask appends the
 //!   assistant's text and a user message with the error.
 
+use std::collections::HashMap;
+
 use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestAssistantMessageContent, ChatCompletionRequestMessage,
     ChatCompletionRequestSystemMessage, ChatCompletionRequestSystemMessageContent, ChatCompletionRequestUserMessage,
@@ -18,7 +20,33 @@ use super::client::Completion;
 use super::strict::strict_schema;
 use super::tools::{Answer, ToolSpec};
 use crate::contract::Mode;
-use crate::entities::EntityKind;
+use crate::entities::{EntityKind, Registry};
+
+/// Every registered entity's [`Strategy`] in every mode, built once at start-up: the schema
+/// rewrite and the system message are the same for every job.
+pub struct Strategies(HashMap<(&'static str, Mode), Strategy>);
+
+impl Strategies {
+    /// Fails, naming the entity and the field, when `strict` asks for a schema strict mode
+    /// cannot express.
+    pub fn new(registry: &Registry, strict: bool) -> Result<Self, String> {
+        let mut strategies = HashMap::new();
+        for name in registry.names() {
+            let kind = registry.get(name).expect("a registered name");
+            for mode in Mode::ALL {
+                let strategy = Strategy::new(mode, kind.as_ref(), strict)
+                    .map_err(|why| format!("the schema of `{name}` cannot be strict: {why}"))?;
+                strategies.insert((name, mode), strategy);
+            }
+        }
+        Ok(Self(strategies))
+    }
+
+    /// The strategy for a registered entity (by its [`EntityKind::name`]).
+    pub fn get(&self, entity: &'static str, mode: Mode) -> &Strategy {
+        &self.0[&(entity, mode)]
+    }
+}
 
 /// One job's way of asking.
 pub enum Strategy {
