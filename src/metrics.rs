@@ -142,17 +142,11 @@ pub fn job_finished(entity: &str, outcome: Result<(), ErrorKind>, elapsed: Durat
     histogram!(JOB_DURATION, "entity" => entity.to_owned(), "outcome" => outcome).record(elapsed.as_secs_f64());
 }
 
-/// A message moved to the dead-letter queue (its job, if any, failed `invalid_request`).
-pub fn dead_lettered(entity: &str) {
+/// A message moved to the dead-letter queue, its job failed with `kind` (`invalid_request`,
+/// or `internal` for one given up at its delivery limit).
+pub fn dead_lettered(entity: &str, kind: ErrorKind) {
     counter!(DEAD_LETTERS).increment(1);
-    counter!(JOBS, "entity" => entity.to_owned(), "outcome" => outcome_label(Err(ErrorKind::InvalidRequest)))
-        .increment(1);
-}
-
-/// A message given up after its delivery limit (its job failed `internal`).
-pub fn dead_lettered_poison(entity: &str) {
-    counter!(DEAD_LETTERS).increment(1);
-    counter!(JOBS, "entity" => entity.to_owned(), "outcome" => outcome_label(Err(ErrorKind::Internal))).increment(1);
+    counter!(JOBS, "entity" => entity.to_owned(), "outcome" => outcome_label(Err(kind))).increment(1);
 }
 
 pub fn llm_call(outcome: CallOutcome, elapsed: Duration) {

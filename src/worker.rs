@@ -138,7 +138,7 @@ impl Worker {
             Ok(event) => {
                 acknowledge(&delivery).await;
                 if let Some(event) = event {
-                    metrics::dead_lettered_poison(job.kind.name());
+                    metrics::dead_lettered(job.kind.name(), ErrorKind::Internal);
                     self.announce(publisher, &event).await;
                 }
             }
@@ -248,7 +248,7 @@ impl Worker {
             }
             return requeue(&delivery).await;
         }
-        metrics::dead_lettered(rejection.routing_entity.unwrap_or("unknown"));
+        metrics::dead_lettered(rejection.routing_entity.unwrap_or("unknown"), ErrorKind::InvalidRequest);
         let error = JobError::new(ErrorKind::InvalidRequest, rejection.reason.clone());
         let record = rejection.record();
         let event = self.with_db_retries(|| self.store.record_rejection(&record, &error)).await;

@@ -110,17 +110,18 @@ impl Strategy {
         max_tokens: u32,
         temperature: Option<f32>,
     ) -> CreateChatCompletionRequest {
+        let mut request = CreateChatCompletionRequest {
+            model: model.to_owned(),
+            messages,
+            max_completion_tokens: (max_tokens > 0).then_some(max_tokens),
+            temperature,
+            ..Default::default()
+        };
         match self {
-            Strategy::Tools(tool) => tool.request(model, messages, max_tokens, temperature),
-            Strategy::Json(spec) => CreateChatCompletionRequest {
-                model: model.to_owned(),
-                messages,
-                response_format: Some(spec.format.clone()),
-                max_completion_tokens: (max_tokens > 0).then_some(max_tokens),
-                temperature,
-                ..Default::default()
-            },
+            Strategy::Tools(tool) => tool.apply(&mut request),
+            Strategy::Json(spec) => request.response_format = Some(spec.format.clone()),
         }
+        request
     }
 
     /// Reads the answer out of a completion.

@@ -47,32 +47,19 @@ impl ToolSpec {
         Self { name: title.to_owned(), description, parameters, strict }
     }
 
-    /// The chat-completions request for `messages`.
-    pub fn request(
-        &self,
-        model: &str,
-        messages: Vec<ChatCompletionRequestMessage>,
-        max_tokens: u32,
-        temperature: Option<f32>,
-    ) -> CreateChatCompletionRequest {
-        CreateChatCompletionRequest {
-            model: model.to_owned(),
-            messages,
-            tools: Some(vec![ChatCompletionTools::Function(ChatCompletionTool {
-                function: FunctionObject {
-                    name: self.name.clone(),
-                    description: Some(self.description.clone()),
-                    parameters: Some(self.parameters.clone()),
-                    strict: self.strict.then_some(true),
-                },
-            })]),
-            tool_choice: Some(ChatCompletionToolChoiceOption::Function(ChatCompletionNamedToolChoice {
-                function: FunctionName { name: self.name.clone() },
-            })),
-            max_completion_tokens: (max_tokens > 0).then_some(max_tokens),
-            temperature,
-            ..Default::default()
-        }
+    /// Offers the tool in `request` and forces it with `tool_choice`.
+    pub fn apply(&self, request: &mut CreateChatCompletionRequest) {
+        request.tools = Some(vec![ChatCompletionTools::Function(ChatCompletionTool {
+            function: FunctionObject {
+                name: self.name.clone(),
+                description: Some(self.description.clone()),
+                parameters: Some(self.parameters.clone()),
+                strict: self.strict.then_some(true),
+            },
+        })]);
+        request.tool_choice = Some(ChatCompletionToolChoiceOption::Function(ChatCompletionNamedToolChoice {
+            function: FunctionName { name: self.name.clone() },
+        }));
     }
 
     /// Reads the answer out of a completion.
