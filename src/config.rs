@@ -29,6 +29,37 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
+    pub limits: LimitsSettings,
+    /// Where each secret came from (printed by `instructd config`; never the value).
+    #[serde(skip)]
+    pub secret_sources: Vec<(&'static str, SecretSource)>,
+}
+
+/// Where a secret's value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// The compiled-in default.
+    Default,
+    /// The key itself, set in a configuration file or an `INSTRUCTD__` variable.
+    Inline,
+    /// Read from the file its `*_file` key names.
+    File(PathBuf),
+    /// The `OPENAI_API_KEY` environment variable.
+    OpenAiApiKey,
+    /// Not set (an empty API key).
+    Unset,
+}
+
+impl std::fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Default => f.write_str("the default"),
+            Self::Inline => f.write_str("the key itself (configuration file or environment)"),
+            Self::File(path) => write!(f, "file {}", path.display()),
+            Self::OpenAiApiKey => f.write_str("OPENAI_API_KEY"),
+            Self::Unset => f.write_str("not set"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -36,6 +67,11 @@ pub struct Settings {
 pub struct BrokerSettings {
     #[serde(serialize_with = "redact_url")]
     pub url: SecretString,
+    /// A file holding the URL (wins over `url`); empty: none.
+    pub url_file: String,
+    /// PEM file of the CA(s) that sign the broker's certificate, for `amqps://`; empty: the
+    /// platform's trust store.
+    pub ca_file: String,
     pub request_queue: String,
     pub events_exchange: String,
     pub dead_letter_queue: String,
@@ -51,6 +87,11 @@ pub struct BrokerSettings {
 pub struct DatabaseSettings {
     #[serde(serialize_with = "redact_url")]
     pub url: SecretString,
+    /// A file holding the URL (wins over `url`); empty: none.
+    pub url_file: String,
+    /// PEM file of the CA(s) that sign the server's certificate (`sslrootcert`), for
+    /// `sslmode=verify-ca` / `verify-full`; empty: the URL's `sslrootcert`, if any.
+    pub ca_file: String,
     pub max_connections: u32,
     pub connect_timeout_secs: u64,
     pub migrate_on_start: bool,
@@ -73,7 +114,11 @@ pub struct LlmSettings {
     pub base_url: String,
     #[serde(serialize_with = "redact_secret")]
     pub api_key: SecretString,
+    /// A file holding the API key (wins over `api_key`); empty: none.
+    pub api_key_file: String,
     pub model: String,
+    /// Models a request may name. Empty: only `model`; `"*"` allows any.
+    pub allowed_models: Vec<String>,
     pub mode: Mode,
     pub strict: bool,
     pub reask_history: ReaskHistory,
@@ -86,6 +131,9 @@ pub struct LlmSettings {
     pub transport_max_elapsed_secs: u64,
     pub job_timeout_secs: u64,
     pub max_tokens: u32,
+    /// Tokens (prompt + completion, summed over every call) a job may spend; once spent,
+    /// no more re-asks. 0: no budget.
+    pub job_token_budget: u64,
     #[serde(default)]
     pub temperature: Option<f32>,
     pub max_concurrency: u32,
@@ -96,6 +144,24 @@ impl LlmSettings {
     pub fn api_key(&self) -> Option<&str> {
         Some(self.api_key.expose_secret()).filter(|key| !key.is_empty())
     }
+
+    /// Whether a request may name `model`.
+    pub fn allows_model(&self, model: &str) -> bool {
+        model == self.model || self.allowed_models.iter().any(|allowed| allowed == "*" || allowed == model)
+    }
+}
+
+/// What one request may ask for. A request over a limit is rejected as `invalid_request`
+/// (dead-lettered, with a failed event) before anything is spent on it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSettings {
+    /// Most messages in a request.
+    pub max_messages: usize,
+    /// Largest `content` of one message, in bytes.
+    pub max_content_bytes: usize,
+    /// Largest `metadata`, in bytes of JSON.
+    pub max_metadata_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -158,13 +224,35 @@ impl Settings {
             .build()
             .and_then(Config::try_deserialize)
             .context("invalid configuration")?;
-        if settings.llm.api_key().is_none()
-            && let Some(key) = openai_api_key.filter(|k| !k.is_empty())
-        {
-            settings.llm.api_key = SecretString::from(key);
-        }
+        settings.resolve_secrets(openai_api_key).context("invalid configuration")?;
         settings.validate().context("invalid configuration")?;
         Ok(settings)
+    }
+
+    /// Reads every `*_file` secret, falls back to `OPENAI_API_KEY`, and records where each
+    /// secret came from.
+    fn resolve_secrets(&mut self, openai_api_key: Option<String>) -> anyhow::Result<()> {
+        let defaults: Settings = Config::builder()
+            .add_source(File::from_str(DEFAULTS, FileFormat::Toml))
+            .build()
+            .and_then(Config::try_deserialize)
+            .expect("the compiled-in defaults deserialize");
+        let broker = resolve_secret("broker.url", &mut self.broker.url, &self.broker.url_file, &defaults.broker.url)?;
+        let database =
+            resolve_secret("database.url", &mut self.database.url, &self.database.url_file, &defaults.database.url)?;
+        let mut api_key =
+            resolve_secret("llm.api_key", &mut self.llm.api_key, &self.llm.api_key_file, &defaults.llm.api_key)?;
+        if api_key == SecretSource::Default {
+            api_key = match openai_api_key.filter(|k| !k.is_empty()) {
+                Some(key) => {
+                    self.llm.api_key = SecretString::from(key);
+                    SecretSource::OpenAiApiKey
+                }
+                None => SecretSource::Unset,
+            };
+        }
+        self.secret_sources = vec![("broker.url", broker), ("database.url", database), ("llm.api_key", api_key)];
+        Ok(())
     }
 
     /// Range and consistency checks that types cannot express; each error names its key.
@@ -201,6 +289,11 @@ impl Settings {
             "llm.job_timeout_secs",
             "must be at least llm.request_timeout_secs",
         )?;
+        for model in &self.llm.allowed_models {
+            ensure(!model.trim().is_empty(), "llm.allowed_models", "must not hold an empty name")?;
+        }
+        ensure(self.limits.max_messages >= 1, "limits.max_messages", "must be at least 1")?;
+        ensure(self.limits.max_content_bytes >= 1, "limits.max_content_bytes", "must be at least 1")?;
         ensure(self.worker.job_lease_secs >= 3, "worker.job_lease_secs", "must be at least 3")?;
         if let Some(temperature) = self.llm.temperature {
             ensure((0.0..=2.0).contains(&temperature), "llm.temperature", "must be between 0 and 2")?;
@@ -219,10 +312,42 @@ impl Settings {
         }
     }
 
-    /// The effective settings as TOML, with every secret redacted.
+    /// The effective settings as TOML, with every secret redacted, after a comment that says
+    /// where each secret came from.
     pub fn to_redacted_toml(&self) -> String {
-        toml::to_string(self).expect("settings serialize to TOML")
+        let mut out = String::from("# Secrets (values never shown) came from:\n");
+        for (key, source) in &self.secret_sources {
+            out.push_str(&format!("#   {key}: {source}\n"));
+        }
+        out.push('\n');
+        out.push_str(&toml::to_string(self).expect("settings serialize to TOML"));
+        out
     }
+}
+
+/// Replaces `value` with the contents of `file` when one is named (one trailing newline
+/// dropped, as `echo` and Kubernetes secrets leave one), and says where the value came from.
+fn resolve_secret(
+    key: &str,
+    value: &mut SecretString,
+    file: &str,
+    default: &SecretString,
+) -> anyhow::Result<SecretSource> {
+    let inline = value.expose_secret() != default.expose_secret();
+    if file.is_empty() {
+        return Ok(if inline { SecretSource::Inline } else { SecretSource::Default });
+    }
+    if inline {
+        bail!("{key}: set either {key} or {key}_file, not both");
+    }
+    // The I/O error names the path and the cause, never the contents.
+    let contents = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{key}_file: cannot read {file}: {e}"))?;
+    let secret = contents.strip_suffix('\n').map(|s| s.strip_suffix('\r').unwrap_or(s)).unwrap_or(&contents);
+    if secret.trim().is_empty() {
+        bail!("{key}_file: {file} is empty");
+    }
+    *value = SecretString::from(secret.to_owned());
+    Ok(SecretSource::File(PathBuf::from(file)))
 }
 
 fn check_url(url: &SecretString, key: &str, schemes: &[&str]) -> anyhow::Result<()> {
@@ -331,5 +456,81 @@ mod tests {
         }
         assert!(printed.contains("postgres://app:***@db:5432/app"), "{printed}");
         assert!(printed.contains("[redacted]"), "{printed}");
+    }
+
+    fn secret_file(contents: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("instructd-secret-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    #[test]
+    fn secrets_are_read_from_their_files_and_the_sources_printed_never_the_values() {
+        let key = secret_file("sk-from-a-file\n");
+        let broker = secret_file("amqps://app:s3cr3t-broker@mq.internal:5671/%2f\r\n");
+        let settings = Settings::load_from(
+            None,
+            env(&[
+                ("INSTRUCTD__LLM__API_KEY_FILE", key.to_str().unwrap()),
+                ("INSTRUCTD__BROKER__URL_FILE", broker.to_str().unwrap()),
+                ("OPENAI_API_KEY", "sk-from-the-environment"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.llm.api_key(), Some("sk-from-a-file"), "the file wins over OPENAI_API_KEY");
+        assert_eq!(settings.broker.url.expose_secret(), "amqps://app:s3cr3t-broker@mq.internal:5671/%2f");
+        let printed = settings.to_redacted_toml();
+        assert!(printed.contains(&format!("#   llm.api_key: file {}", key.display())), "{printed}");
+        assert!(printed.contains(&format!("#   broker.url: file {}", broker.display())), "{printed}");
+        assert!(printed.contains("#   database.url: the default"), "{printed}");
+        assert!(printed.contains("amqps://app:***@mq.internal:5671/%2f"), "{printed}");
+        assert!(!printed.contains("sk-from") && !printed.contains("s3cr3t-broker"), "{printed}");
+
+        let from_env = Settings::load_from(None, env(&[("OPENAI_API_KEY", "sk-from-the-environment")])).unwrap();
+        assert!(from_env.to_redacted_toml().contains("#   llm.api_key: OPENAI_API_KEY"));
+        let unset = Settings::load_from(None, env(&[])).unwrap();
+        assert!(unset.to_redacted_toml().contains("#   llm.api_key: not set"));
+        for path in [key, broker] {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_secret_file_that_is_missing_empty_or_doubled_names_its_key() {
+        let err =
+            Settings::load_from(None, env(&[("INSTRUCTD__DATABASE__URL_FILE", "/nonexistent/db-url")])).unwrap_err();
+        let shown = format!("{err:#}");
+        assert!(shown.contains("database.url_file: cannot read /nonexistent/db-url"), "{shown}");
+
+        let empty = secret_file("\n");
+        let err =
+            Settings::load_from(None, env(&[("INSTRUCTD__LLM__API_KEY_FILE", empty.to_str().unwrap())])).unwrap_err();
+        assert!(format!("{err:#}").contains("llm.api_key_file"), "{err:#}");
+
+        let key = secret_file("sk-in-a-file");
+        let err = Settings::load_from(
+            None,
+            env(&[("INSTRUCTD__LLM__API_KEY_FILE", key.to_str().unwrap()), ("INSTRUCTD__LLM__API_KEY", "sk-inline")]),
+        )
+        .unwrap_err();
+        let shown = format!("{err:#}");
+        assert!(shown.contains("set either llm.api_key or llm.api_key_file, not both"), "{shown}");
+        assert!(!shown.contains("sk-in"), "{shown}");
+        for path in [empty, key] {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+
+    #[test]
+    fn allowed_models_default_to_the_configured_model_and_star_allows_any() {
+        let settings = Settings::load_from(None, env(&[("INSTRUCTD__LLM__MODEL", "small")])).unwrap();
+        assert!(settings.llm.allows_model("small"));
+        assert!(!settings.llm.allows_model("large"));
+        let mut settings = settings;
+        settings.llm.allowed_models = vec!["large".into()];
+        assert!(settings.llm.allows_model("large") && settings.llm.allows_model("small"));
+        assert!(!settings.llm.allows_model("huge"));
+        settings.llm.allowed_models = vec!["*".into()];
+        assert!(settings.llm.allows_model("huge"));
     }
 }

@@ -134,10 +134,20 @@ pub fn decode(
     if request.messages.is_empty() {
         return reject(rejection, "messages: must not be empty".to_owned());
     }
-    if let Some(model) = &request.model
-        && model.trim().is_empty()
-    {
-        return reject(rejection, "model: must not be empty when given".to_owned());
+    if let Some(model) = &request.model {
+        if model.trim().is_empty() {
+            return reject(rejection, "model: must not be empty when given".to_owned());
+        }
+        if !settings.llm.allows_model(model) {
+            return reject(rejection, format!("model: `{model}` is not one of llm.allowed_models"));
+        }
+    }
+    if let Err(reason) = within_limits(&request, settings) {
+        if reason.starts_with("metadata") {
+            // Not echoed back in the failed event: it is what was too large.
+            rejection.metadata = Value::Null;
+        }
+        return reject(rejection, reason);
     }
     let job_id = rejection.job_id;
     Ok(Job {
@@ -154,6 +164,37 @@ pub fn decode(
         raw,
         request,
     })
+}
+
+/// The request's size against `limits.*`: checked before anything is spent on it.
+fn within_limits(request: &GenerationRequest, settings: &Settings) -> Result<(), String> {
+    let limits = &settings.limits;
+    if request.messages.len() > limits.max_messages {
+        return Err(format!(
+            "messages: {} messages, over limits.max_messages ({})",
+            request.messages.len(),
+            limits.max_messages
+        ));
+    }
+    if let Some((i, message)) =
+        request.messages.iter().enumerate().find(|(_, message)| message.content.len() > limits.max_content_bytes)
+    {
+        return Err(format!(
+            "messages[{i}].content: {} bytes, over limits.max_content_bytes ({})",
+            message.content.len(),
+            limits.max_content_bytes
+        ));
+    }
+    if let Some(metadata) = &request.metadata {
+        let size = serde_json::to_vec(metadata).map_or(usize::MAX, |bytes| bytes.len());
+        if size > limits.max_metadata_bytes {
+            return Err(format!(
+                "metadata: {size} bytes of JSON, over limits.max_metadata_bytes ({})",
+                limits.max_metadata_bytes
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The quorum queue's `x-delivery-count` header (absent on a first delivery).

@@ -55,10 +55,33 @@ pub async fn generate(client: &LlmClient, settings: &LlmSettings, prompt: Prompt
     let mut messages = start.clone();
     let mut reasks = 0;
     let mut cut_off = false;
+    let mut last_failure: Option<String> = None;
     let last_error = loop {
+        let max_tokens = match settings.job_token_budget {
+            0 => settings.max_tokens,
+            budget => {
+                let spent = trace.usage.total_tokens;
+                if spent >= budget {
+                    let message = format!(
+                        "the job's token budget is spent ({spent} of llm.job_token_budget {budget} tokens) after \
+                         {} attempt(s); last error: {}",
+                        trace.attempts,
+                        last_failure.as_deref().unwrap_or("none"),
+                    );
+                    return Generation { outcome: Err(JobError::new(ErrorKind::Llm, message)), trace };
+                }
+                // With a per-call cap, the answer may not spend more than is left either. Without
+                // one, none is sent: a cap above the model's own output limit is a 400.
+                let left = u32::try_from(budget - spent).unwrap_or(u32::MAX);
+                match settings.max_tokens {
+                    0 => 0,
+                    max => max.min(left),
+                }
+            }
+        };
         trace.attempts += 1;
         tracing::Span::current().record("attempt", trace.attempts);
-        let request = strategy.request(prompt.model, messages.clone(), settings.max_tokens, settings.temperature);
+        let request = strategy.request(prompt.model, messages.clone(), max_tokens, settings.temperature);
         let completion = match client.complete(&request, prompt.deadline).await {
             Ok(completion) => completion,
             Err(error) => return Generation { outcome: Err(call_failure(error)), trace },
@@ -99,7 +122,7 @@ pub async fn generate(client: &LlmClient, settings: &LlmSettings, prompt: Prompt
         if settings.reask_history == ReaskHistory::Last {
             messages.clone_from(&start);
         }
-        strategy.append_reask(&mut messages, &completion, &error);
+        strategy.append_reask(&mut messages, &completion, last_failure.insert(error));
     };
     let message = format!("no valid answer after {} attempt(s); last error: {last_error}", trace.attempts);
     Generation { outcome: Err(JobError::new(ErrorKind::Validation, message)), trace }

@@ -12,4 +12,5 @@ mod idempotency;
 mod modes;
 mod operating;
 mod retries;
+mod security;
 mod teams;
