@@ -1,0 +1,556 @@
+//! instructd against the ceiling of its own stack.
+//!
+//! `cargo bench --bench throughput` (see the README's "Performance"). For each scenario
+//! (`latency_ms@concurrency`, by default `0@64 200@256 500@1000`), against the real local
+//! RabbitMQ and Postgres and an in-process fake chat-completions server that answers after
+//! `latency_ms`:
+//! - **ceiling**: the least work the same durable path can do, in this process — consume a
+//!   request from the same kind of queue with the same prefetch, one INSERT in one
+//!   transaction, publish one confirmed event, ack; no LLM;
+//! - **instructd**: the real `instructd run` binary, with `worker.concurrency` = concurrency.
+//!
+//! Both are driven the same way: a window of 2 × concurrency requests outstanding (a new one
+//! is published as each event arrives), so the worker never starves and the queue stays
+//! short. Printed per run: jobs/s, p50 / p99 enqueue-to-event latency; for instructd also
+//! CPU-seconds per job (utime + stime of the daemon over the run), peak RSS (VmHWM) and RSS
+//! a quarter of the way through and at the end (growth). `--soak N` adds one long run.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DbBackend, Statement, TransactionTrait};
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(about = "instructd against the ceiling of its own stack")]
+struct Args {
+    /// Scenarios as `latency_ms@concurrency`.
+    #[arg(long, value_delimiter = ',', default_values = ["0@64", "200@256", "500@1000"])]
+    scenarios: Vec<String>,
+    /// Jobs per run; default: max(2000, 8 × concurrency).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Also run this many jobs through instructd at the first scenario's settings, to show
+    /// whether its memory grows (e.g. 20000).
+    #[arg(long)]
+    soak: Option<usize>,
+    /// Skip the ceiling runs.
+    #[arg(long)]
+    no_ceiling: bool,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Scenario {
+    latency: Duration,
+    concurrency: usize,
+}
+
+impl std::str::FromStr for Scenario {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (latency, concurrency) =
+            s.split_once('@').ok_or_else(|| format!("`{s}`: expected latency_ms@concurrency"))?;
+        let latency = latency.parse::<u64>().map_err(|e| format!("`{s}`: latency: {e}"))?;
+        let concurrency = concurrency.parse::<usize>().map_err(|e| format!("`{s}`: concurrency: {e}"))?;
+        if concurrency == 0 || concurrency > usize::from(u16::MAX) {
+            return Err(format!("`{s}`: concurrency must be 1 to {}", u16::MAX));
+        }
+        Ok(Scenario { latency: Duration::from_millis(latency), concurrency })
+    }
+}
+
+impl std::fmt::Display for Scenario {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ms LLM @ {}", self.latency.as_millis(), self.concurrency)
+    }
+}
+
+/// What one run measured.
+struct Run {
+    jobs: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+    /// For instructd: the daemon's CPU-seconds over the run, peak RSS and RSS samples (KiB).
+    process: Option<ProcessFigures>,
+}
+
+struct ProcessFigures {
+    cpu_seconds: f64,
+    peak_rss_kib: u64,
+    rss_at_quarter_kib: u64,
+    rss_at_end_kib: u64,
+}
+
+impl Run {
+    fn jobs_per_sec(&self) -> f64 {
+        self.jobs as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort_unstable();
+        let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+        sorted.get(index).copied().unwrap_or_default()
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    instructd::install_crypto_provider();
+    let scenarios: Vec<Scenario> =
+        args.scenarios.iter().map(|s| s.parse()).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;
+    let llm = FakeLlm::start().await?;
+    println!("instructd throughput benchmark: {} CPUs, binary {}", num_cpus(), env!("CARGO_BIN_EXE_instructd"));
+    let mut rows = Vec::new();
+    for scenario in &scenarios {
+        let jobs = args.jobs.unwrap_or_else(|| (8 * scenario.concurrency).max(2000));
+        llm.set_latency(scenario.latency);
+        let ceiling = if args.no_ceiling {
+            None
+        } else {
+            let run = run_ceiling(*scenario, jobs).await?;
+            report(&format!("ceiling   {scenario}"), &run);
+            Some(run)
+        };
+        let instructd = run_instructd(*scenario, jobs, &llm).await?;
+        report(&format!("instructd {scenario}"), &instructd);
+        rows.push((*scenario, ceiling, instructd));
+    }
+    if let (Some(jobs), Some(first)) = (args.soak, scenarios.first()) {
+        llm.set_latency(first.latency);
+        let soak = run_instructd(*first, jobs, &llm).await?;
+        report(&format!("soak      {first}, {jobs} jobs"), &soak);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+fn report(label: &str, run: &Run) {
+    let mut line = format!(
+        "{label}: {} jobs in {:.2} s = {:.0} jobs/s, p50 {} ms, p99 {} ms",
+        run.jobs,
+        run.elapsed.as_secs_f64(),
+        run.jobs_per_sec(),
+        run.percentile(0.50).as_millis(),
+        run.percentile(0.99).as_millis()
+    );
+    if let Some(p) = &run.process {
+        line.push_str(&format!(
+            ", {:.2} CPU-ms/job, peak RSS {:.1} MB, RSS {:.1} → {:.1} MB",
+            p.cpu_seconds * 1000.0 / run.jobs as f64,
+            mib(p.peak_rss_kib),
+            mib(p.rss_at_quarter_kib),
+            mib(p.rss_at_end_kib)
+        ));
+    }
+    println!("{line}");
+}
+
+fn print_table(rows: &[(Scenario, Option<Run>, Run)]) {
+    println!();
+    println!(
+        "| scenario | ceiling jobs/s | instructd jobs/s | vs ceiling | vs concurrency ÷ latency | p50 ms | p99 ms | CPU-ms/job | peak RSS MB |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (scenario, ceiling, run) in rows {
+        let ceiling_rate = ceiling.as_ref().map(Run::jobs_per_sec);
+        let vs_ceiling = ceiling_rate.map_or("–".to_owned(), |c| format!("{:.0}%", 100.0 * run.jobs_per_sec() / c));
+        let ideal = if scenario.latency.is_zero() {
+            "–".to_owned()
+        } else {
+            let ideal = scenario.concurrency as f64 / scenario.latency.as_secs_f64();
+            let bound = ceiling_rate.map_or(ideal, |c| ideal.min(c));
+            format!("{:.0}% of {:.0}", 100.0 * run.jobs_per_sec() / bound, bound)
+        };
+        let process = run.process.as_ref().expect("instructd runs measure the process");
+        println!(
+            "| {scenario} | {} | {:.0} | {vs_ceiling} | {ideal} | {} | {} | {:.2} | {:.1} |",
+            ceiling_rate.map_or("–".to_owned(), |c| format!("{c:.0}")),
+            run.jobs_per_sec(),
+            run.percentile(0.50).as_millis(),
+            run.percentile(0.99).as_millis(),
+            process.cpu_seconds * 1000.0 / run.jobs as f64,
+            mib(process.peak_rss_kib),
+        );
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+// ---------------------------------------------------------------------------------------
+// The environment: a database and names of one's own, as the tests have.
+
+fn admin_database_url() -> String {
+    std::env::var("INSTRUCTD_TEST_ADMIN_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://instructd:instructd@127.0.0.1:5432/postgres".to_owned())
+}
+
+fn broker_url() -> String {
+    std::env::var("INSTRUCTD_TEST_BROKER_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+struct Names {
+    database_url: String,
+    request_queue: String,
+    events_exchange: String,
+    dead_letter_queue: String,
+}
+
+async fn fresh_names() -> anyhow::Result<Names> {
+    let admin_url = admin_database_url();
+    let admin = Database::connect(admin_url.as_str()).await?;
+    let suffix = Uuid::new_v4().simple().to_string();
+    admin.execute_unprepared(&format!("CREATE DATABASE instructd_bench_{suffix}")).await?;
+    let _ = admin.close().await;
+    let (base, _) = admin_url.rsplit_once('/').expect("the admin URL names a database");
+    Ok(Names {
+        database_url: format!("{base}/instructd_bench_{suffix}"),
+        request_queue: format!("bench.{suffix}.requests"),
+        events_exchange: format!("bench.{suffix}.events"),
+        dead_letter_queue: format!("bench.{suffix}.dlq"),
+    })
+}
+
+fn settings_for(names: &Names, llm: Option<SocketAddr>, scenario: Scenario) -> HashMap<String, String> {
+    let mut env: HashMap<String, String> = [
+        ("INSTRUCTD__DATABASE__URL", names.database_url.clone()),
+        ("INSTRUCTD__BROKER__URL", broker_url()),
+        ("INSTRUCTD__BROKER__REQUEST_QUEUE", names.request_queue.clone()),
+        ("INSTRUCTD__BROKER__EVENTS_EXCHANGE", names.events_exchange.clone()),
+        ("INSTRUCTD__BROKER__DEAD_LETTER_QUEUE", names.dead_letter_queue.clone()),
+        ("INSTRUCTD__LLM__API_KEY", "sk-bench".to_owned()),
+        ("INSTRUCTD__LLM__MODEL", "bench-model".to_owned()),
+        ("INSTRUCTD__WORKER__CONCURRENCY", scenario.concurrency.to_string()),
+        ("INSTRUCTD__LOG__LEVEL", "warn".to_owned()),
+        ("INSTRUCTD__LOG__FORMAT", "json".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    if let Some(llm) = llm {
+        env.insert("INSTRUCTD__LLM__BASE_URL".into(), format!("http://{llm}/v1"));
+    }
+    env
+}
+
+/// Declares the contract's topology under `names` and binds a queue of the driver's own to
+/// every event; returns the driver's connection, a channel to publish on, and the events.
+async fn driver(names: &Names, scenario: Scenario) -> anyhow::Result<(Connection, Channel, Consumer)> {
+    let env = settings_for(names, None, scenario);
+    let settings = instructd::config::Settings::load_from(None, env)?;
+    let connection = Connection::connect(&broker_url(), ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    instructd::broker::topology::declare(&channel, &settings.broker).await?;
+    let events_channel = connection.create_channel().await?;
+    let queue = events_channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await?;
+    events_channel
+        .queue_bind(
+            queue.name().clone(),
+            names.events_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let events = events_channel
+        .basic_consume(
+            queue.name().clone(),
+            "bench-events".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((connection, channel, events))
+}
+
+/// Keeps `window` requests outstanding until `jobs` events came back; `at_quarter` runs once
+/// a quarter of the events are in. Latency is from publish to event, read from the
+/// request's `metadata.sent_ns` that the event echoes.
+async fn drive(
+    channel: Channel,
+    mut events: Consumer,
+    request_queue: &str,
+    jobs: usize,
+    window: usize,
+    mut at_quarter: impl FnMut(),
+) -> anyhow::Result<(Duration, Vec<Duration>)> {
+    let origin = Instant::now();
+    let permits = Arc::new(Semaphore::new(window.min(jobs)));
+    let queue = request_queue.to_owned();
+    let publisher = {
+        let permits = permits.clone();
+        tokio::spawn(async move {
+            for _ in 0..jobs {
+                permits.acquire().await.expect("never closed").forget();
+                let body = json!({
+                    "job_id": Uuid::new_v4(),
+                    "entity": "hero",
+                    "messages": [{"role": "user", "content": "Make a new superhero"}],
+                    "metadata": {"sent_ns": origin.elapsed().as_nanos() as u64},
+                });
+                channel
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &serde_json::to_vec(&body).expect("serializable"),
+                        BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2),
+                    )
+                    .await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut latencies = Vec::with_capacity(jobs);
+    let mut last = origin;
+    while latencies.len() < jobs {
+        let delivery = tokio::time::timeout(Duration::from_secs(120), events.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("no event for 120 s after {} of {jobs}", latencies.len()))?
+            .ok_or_else(|| anyhow::anyhow!("the event consumer closed"))??;
+        last = Instant::now();
+        let event: Value = serde_json::from_slice(&delivery.data)?;
+        anyhow::ensure!(event["status"] == "succeeded", "a job failed: {event}");
+        let sent = event["metadata"]["sent_ns"].as_u64().ok_or_else(|| anyhow::anyhow!("no sent_ns in {event}"))?;
+        latencies.push(last.duration_since(origin).saturating_sub(Duration::from_nanos(sent)));
+        if latencies.len() == jobs / 4 {
+            at_quarter();
+        }
+        permits.add_permits(1);
+    }
+    publisher.await??;
+    Ok((last.duration_since(origin), latencies))
+}
+
+// ---------------------------------------------------------------------------------------
+// instructd
+
+async fn run_instructd(scenario: Scenario, jobs: usize, llm: &FakeLlm) -> anyhow::Result<Run> {
+    let names = fresh_names().await?;
+    let (connection, channel, events) = driver(&names, scenario).await?;
+    let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let mut env = settings_for(&names, Some(llm.addr), scenario);
+    env.insert("INSTRUCTD__HTTP__LISTEN".into(), http.to_string());
+    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_instructd"))
+        .arg("run")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(&env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = daemon.id().expect("running");
+    wait_ready(http).await?;
+
+    let cpu_before = cpu_seconds(pid)?;
+    let mut rss_at_quarter = 0;
+    let window = 2 * scenario.concurrency;
+    let (elapsed, latencies) =
+        drive(channel, events, &names.request_queue, jobs, window, || rss_at_quarter = status_kib(pid, "VmRSS"))
+            .await?;
+    let cpu_seconds = cpu_seconds(pid)? - cpu_before;
+    let figures = ProcessFigures {
+        cpu_seconds,
+        peak_rss_kib: status_kib(pid, "VmHWM"),
+        rss_at_quarter_kib: rss_at_quarter,
+        rss_at_end_kib: status_kib(pid, "VmRSS"),
+    };
+    let kill = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+    anyhow::ensure!(kill.success(), "could not signal the daemon");
+    let status = tokio::time::timeout(Duration::from_secs(60), daemon.wait()).await??;
+    anyhow::ensure!(status.success(), "the daemon exited with {status}");
+    let _ = connection.close(200, "done".into()).await;
+    Ok(Run { jobs, elapsed, latencies, process: Some(figures) })
+}
+
+async fn wait_ready(http: SocketAddr) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    for _ in 0..600 {
+        if let Ok(response) = client.get(format!("http://{http}/readyz")).send().await
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the daemon did not become ready within 60 s")
+}
+
+/// utime + stime of `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default().split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    Ok(ticks as f64 / clock_ticks_per_second())
+}
+
+fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// A `kB` line of `/proc/<pid>/status` (`VmRSS`, `VmHWM`).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':')?.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------
+// The ceiling
+
+async fn run_ceiling(scenario: Scenario, jobs: usize) -> anyhow::Result<Run> {
+    let names = fresh_names().await?;
+    let (connection, channel, events) = driver(&names, scenario).await?;
+    let settings = instructd::config::Settings::load_from(None, settings_for(&names, None, scenario))?;
+    let mut options = ConnectOptions::new(names.database_url.clone());
+    options.max_connections(settings.database.max_connections).sqlx_logging(false);
+    let db = Database::connect(options).await?;
+    db.execute_unprepared("CREATE TABLE ceiling (id uuid PRIMARY KEY, request jsonb NOT NULL)").await?;
+
+    // Separate connections to consume and to publish, as instructd has.
+    let consume = Connection::connect(&broker_url(), ConnectionProperties::default()).await?;
+    let publish = Connection::connect(&broker_url(), ConnectionProperties::default()).await?;
+    let consume_channel = consume.create_channel().await?;
+    consume_channel.basic_qos(scenario.concurrency as u16, BasicQosOptions::default()).await?;
+    let mut requests = consume_channel
+        .basic_consume(
+            names.request_queue.as_str().into(),
+            "ceiling".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let publish_channel = publish.create_channel().await?;
+    publish_channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let exchange = names.events_exchange.clone();
+    let worker = tokio::spawn(async move {
+        while let Some(delivery) = requests.next().await {
+            let delivery = delivery?;
+            let (db, channel, exchange) = (db.clone(), publish_channel.clone(), exchange.clone());
+            tokio::spawn(async move {
+                let request: Value = serde_json::from_slice(&delivery.data)?;
+                let job_id: Uuid = request["job_id"].as_str().unwrap_or_default().parse()?;
+                let txn = db.begin().await?;
+                txn.execute_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "INSERT INTO ceiling (id, request) VALUES ($1, $2)",
+                    [job_id.into(), request.clone().into()],
+                ))
+                .await?;
+                txn.commit().await?;
+                let event = json!({"job_id": job_id, "status": "succeeded", "metadata": request["metadata"]});
+                channel
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        "job.succeeded.hero".into(),
+                        BasicPublishOptions::default(),
+                        &serde_json::to_vec(&event)?,
+                        BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2),
+                    )
+                    .await?
+                    .await?;
+                delivery.ack(BasicAckOptions::default()).await?;
+                anyhow::Ok(())
+            });
+        }
+        anyhow::Ok(())
+    });
+    let window = 2 * scenario.concurrency;
+    let (elapsed, latencies) = drive(channel, events, &names.request_queue, jobs, window, || {}).await?;
+    worker.abort();
+    let _ = consume.close(200, "done".into()).await;
+    let _ = publish.close(200, "done".into()).await;
+    let _ = connection.close(200, "done".into()).await;
+    Ok(Run { jobs, elapsed, latencies, process: None })
+}
+
+// ---------------------------------------------------------------------------------------
+// The fake LLM: a chat-completions endpoint that answers one valid Hero after a delay.
+
+struct FakeLlm {
+    addr: SocketAddr,
+    latency_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FakeLlm {
+    async fn start() -> anyhow::Result<Self> {
+        use axum::http::header::CONTENT_TYPE;
+        let arguments = json!({"name": "Bench", "secret_name": "Mark", "age": 30}).to_string();
+        let body: &'static [u8] = serde_json::to_vec(&json!({
+            "id": "chatcmpl-bench",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "bench-model",
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": null, "tool_calls": [{
+                    "id": "call_bench", "type": "function", "function": {"name": "Hero", "arguments": arguments}
+                }]},
+                "finish_reason": "tool_calls"
+            }],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
+        }))?
+        .leak();
+        let latency_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let delay = latency_ms.clone();
+        let app = axum::Router::new().route(
+            "/v1/chat/completions",
+            axum::routing::post(move || {
+                let delay = Duration::from_millis(delay.load(std::sync::atomic::Ordering::Relaxed));
+                async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    ([(CONTENT_TYPE, "application/json")], body)
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(Self { addr, latency_ms })
+    }
+
+    fn set_latency(&self, latency: Duration) {
+        self.latency_ms.store(latency.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
