@@ -289,6 +289,9 @@ impl Settings {
             "llm.job_timeout_secs",
             "must be at least llm.request_timeout_secs",
         )?;
+        for (key, file) in [("broker.ca_file", &self.broker.ca_file), ("database.ca_file", &self.database.ca_file)] {
+            ensure(file.is_empty() || Path::new(file).is_file(), key, "no such file")?;
+        }
         for model in &self.llm.allowed_models {
             ensure(!model.trim().is_empty(), "llm.allowed_models", "must not hold an empty name")?;
         }

@@ -50,6 +50,11 @@ async fn connect_pool(settings: &Settings, max_connections: u32) -> anyhow::Resu
         .connect_timeout(Duration::from_secs(settings.database.connect_timeout_secs))
         .acquire_timeout(Duration::from_secs(settings.database.connect_timeout_secs))
         .sqlx_logging(false);
+    if !settings.database.ca_file.is_empty() {
+        // Added to the system's roots, for sslmode=verify-ca / verify-full.
+        let ca_file = settings.database.ca_file.clone();
+        options.map_sqlx_postgres_opts(move |pg| pg.ssl_root_cert(&ca_file));
+    }
     Database::connect(options)
         .await
         .with_context(|| format!("cannot connect to Postgres at {}", redacted_url(&settings.database.url)))

@@ -128,11 +128,8 @@ pub async fn spawn_app_listening(settings: Settings, llm: MockServer, binding: &
     let daemon = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
     }));
-    let db = Database::connect(sea_orm::ConnectOptions::new(
-        secrecy::ExposeSecret::expose_secret(&settings.database.url).to_owned(),
-    ))
-    .await
-    .unwrap();
+    // The daemon's own way in (TLS and its CA file included).
+    let db = instructd::startup::connect_database(&settings).await.unwrap();
     TestApp {
         settings,
         http_addr,

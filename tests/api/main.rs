@@ -14,3 +14,4 @@ mod operating;
 mod retries;
 mod security;
 mod teams;
+mod tls;
