@@ -221,6 +221,7 @@ struct Names {
 
 async fn fresh_names() -> anyhow::Result<Names> {
     let admin_url = admin_database_url();
+    eprintln!("[bench] creating a database");
     let admin = Database::connect(admin_url.as_str()).await?;
     let suffix = Uuid::new_v4().simple().to_string();
     admin.execute_unprepared(&format!("CREATE DATABASE instructd_bench_{suffix}")).await?;
@@ -389,8 +390,13 @@ async fn run_instructd(scenario: Scenario, jobs: usize, llm: &FakeLlm) -> anyhow
     anyhow::ensure!(kill.success(), "could not signal the daemon");
     let status = tokio::time::timeout(Duration::from_secs(60), daemon.wait()).await??;
     anyhow::ensure!(status.success(), "the daemon exited with {status}");
-    let _ = connection.close(200, "done".into()).await;
+    close(connection).await;
     Ok(Run { jobs, elapsed, latencies, process: Some(figures) })
+}
+
+/// Closes a connection, or gives up on it after a few seconds (the run is over either way).
+async fn close(connection: Connection) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), connection.close(200, "done".into())).await;
 }
 
 async fn wait_ready(http: SocketAddr) -> anyhow::Result<()> {
@@ -497,9 +503,9 @@ async fn run_ceiling(scenario: Scenario, jobs: usize) -> anyhow::Result<Run> {
     let window = 2 * scenario.concurrency;
     let (elapsed, latencies) = drive(channel, events, &names.request_queue, jobs, window, || {}).await?;
     worker.abort();
-    let _ = consume.close(200, "done".into()).await;
-    let _ = publish.close(200, "done".into()).await;
-    let _ = connection.close(200, "done".into()).await;
+    for connection in [consume, publish, connection] {
+        close(connection).await;
+    }
     Ok(Run { jobs, elapsed, latencies, process: None })
 }
 
