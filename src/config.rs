@@ -292,6 +292,22 @@ impl Settings {
         for (key, file) in [("broker.ca_file", &self.broker.ca_file), ("database.ca_file", &self.database.ca_file)] {
             ensure(file.is_empty() || Path::new(file).is_file(), key, "no such file")?;
         }
+        // A CA file that would silently verify nothing is refused.
+        if !self.broker.ca_file.is_empty() {
+            let scheme = url::Url::parse(self.broker.url.expose_secret()).map(|u| u.scheme().to_owned());
+            ensure(scheme.as_deref() == Ok("amqps"), "broker.ca_file", "needs an amqps:// broker.url")?;
+        }
+        if !self.database.ca_file.is_empty() {
+            let url = url::Url::parse(self.database.url.expose_secret()).ok();
+            let mode = url.and_then(|u| {
+                u.query_pairs().find(|(k, _)| k == "sslmode" || k == "ssl-mode").map(|(_, v)| v.into_owned())
+            });
+            ensure(
+                matches!(mode.as_deref(), Some("verify-full" | "verify-ca")),
+                "database.ca_file",
+                "needs sslmode=verify-full (or verify-ca) in database.url, or the certificate is not checked",
+            )?;
+        }
         for model in &self.llm.allowed_models {
             ensure(!model.trim().is_empty(), "llm.allowed_models", "must not hold an empty name")?;
         }
@@ -343,8 +359,16 @@ fn resolve_secret(
     if inline {
         bail!("{key}: set either {key} or {key}_file, not both");
     }
-    // The I/O error names the path and the cause, never the contents.
-    let contents = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{key}_file: cannot read {file}: {e}"))?;
+    // The I/O error names the path and the cause, never the contents. A "path" without a
+    // slash may be the secret itself, put in the wrong variable: it is not repeated.
+    let contents = std::fs::read_to_string(file).map_err(|e| {
+        let shown = if file.contains('/') {
+            file
+        } else {
+            "the file it names (not an absolute path: is it the secret itself?)"
+        };
+        anyhow::anyhow!("{key}_file: cannot read {shown}: {e}")
+    })?;
     let secret = contents.strip_suffix('\n').map(|s| s.strip_suffix('\r').unwrap_or(s)).unwrap_or(&contents);
     if secret.trim().is_empty() {
         bail!("{key}_file: {file} is empty");

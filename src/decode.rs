@@ -112,7 +112,12 @@ pub fn decode(
         Err(e) => return reject(rejection, format!("the body is not JSON: {e}")),
     };
     rejection.raw = raw.clone();
-    rejection.metadata = raw.get("metadata").cloned().unwrap_or(Value::Null);
+    // Echoed in the failed event whatever else is wrong, unless it is over the limit.
+    rejection.metadata = raw
+        .get("metadata")
+        .filter(|metadata| json_size(metadata) <= settings.limits.max_metadata_bytes)
+        .cloned()
+        .unwrap_or(Value::Null);
     if let Some(entity) = raw.get("entity").and_then(Value::as_str) {
         rejection.entity = entity.to_owned();
         rejection.routing_entity = registry.get(entity).map(|kind| kind.name());
@@ -128,7 +133,7 @@ pub fn decode(
     };
     let Some(kind) = registry.get(&request.entity).cloned() else {
         let known = registry.names().collect::<Vec<_>>().join(", ");
-        let reason = format!("unknown entity `{}` (known: {known})", request.entity);
+        let reason = format!("unknown entity `{}` (known: {known})", clip(&request.entity));
         return reject(rejection, reason);
     };
     if request.messages.is_empty() {
@@ -139,14 +144,10 @@ pub fn decode(
             return reject(rejection, "model: must not be empty when given".to_owned());
         }
         if !settings.llm.allows_model(model) {
-            return reject(rejection, format!("model: `{model}` is not one of llm.allowed_models"));
+            return reject(rejection, format!("model: `{}` is not one of llm.allowed_models", clip(model)));
         }
     }
     if let Err(reason) = within_limits(&request, settings) {
-        if reason.starts_with("metadata") {
-            // Not echoed back in the failed event: it is what was too large.
-            rejection.metadata = Value::Null;
-        }
         return reject(rejection, reason);
     }
     let job_id = rejection.job_id;
@@ -186,7 +187,7 @@ fn within_limits(request: &GenerationRequest, settings: &Settings) -> Result<(),
         ));
     }
     if let Some(metadata) = &request.metadata {
-        let size = serde_json::to_vec(metadata).map_or(usize::MAX, |bytes| bytes.len());
+        let size = json_size(metadata);
         if size > limits.max_metadata_bytes {
             return Err(format!(
                 "metadata: {size} bytes of JSON, over limits.max_metadata_bytes ({})",
@@ -195,6 +196,20 @@ fn within_limits(request: &GenerationRequest, settings: &Settings) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// The size of `value` as compact JSON, in bytes.
+fn json_size(value: &Value) -> usize {
+    serde_json::to_vec(value).map_or(usize::MAX, |bytes| bytes.len())
+}
+
+/// A name from the request as it may be quoted in a reason (which travels in an AMQP header,
+/// an event and the job row): at most 100 characters.
+fn clip(name: &str) -> std::borrow::Cow<'_, str> {
+    match name.char_indices().nth(100) {
+        Some((end, _)) => format!("{}…", &name[..end]).into(),
+        None => name.into(),
+    }
 }
 
 /// The quorum queue's `x-delivery-count` header (absent on a first delivery).

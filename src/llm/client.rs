@@ -203,9 +203,15 @@ fn parse_completion(raw: Value) -> Result<Completion, TransportError> {
     Ok(Completion {
         message: choice.message,
         finish_reason: choice.finish_reason,
-        usage: body.usage.unwrap_or_default(),
+        usage: body.usage.map(complete_total).unwrap_or_default(),
         raw,
     })
+}
+
+/// Some servers leave `total_tokens` at 0: the job's token budget counts the parts then.
+fn complete_total(mut usage: Usage) -> Usage {
+    usage.total_tokens = usage.total_tokens.max(usage.prompt_tokens + usage.completion_tokens);
+    usage
 }
 
 /// Executes one HTTP request for async-openai. Unlike async-openai's default executor it

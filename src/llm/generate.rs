@@ -91,8 +91,13 @@ pub async fn generate(client: &LlmClient, settings: &LlmSettings, prompt: Prompt
         trace.responses.push(completion.raw.clone());
         let error = if completion.finish_reason.as_deref() == Some("length") {
             if cut_off {
-                let message = "the answer was cut off at the token limit twice (finish_reason: length); \
-                               raise llm.max_tokens or ask for less";
+                let message = if max_tokens < settings.max_tokens {
+                    "the answer was cut off twice (finish_reason: length), the second time at what was left of \
+                     llm.job_token_budget"
+                } else {
+                    "the answer was cut off at the token limit twice (finish_reason: length); raise llm.max_tokens \
+                     or ask for less"
+                };
                 return Generation { outcome: Err(JobError::new(ErrorKind::Llm, message)), trace };
             }
             cut_off = true;

@@ -52,6 +52,24 @@ async fn a_request_over_a_limit_or_naming_a_model_not_allowed_is_rejected_before
             assert_eq!(failed.event.metadata, Value::Null, "metadata over the limit is not echoed back");
         }
     }
+    // Metadata over the limit is not echoed, whatever else is wrong with the request.
+    let mut unknown = with("metadata", json!({"blob": "z".repeat(80)}));
+    unknown["entity"] = json!("villain");
+    let mut crowded = with("metadata", json!({"blob": "z".repeat(80)}));
+    crowded["messages"] = json!([user("a"), user("b"), user("c"), user("d")]);
+    for request in [unknown, crowded] {
+        app.publish(&request).await;
+        app.next_dead_letter().await;
+        let failed = app.next_event().await;
+        assert_eq!(failed.event.error.unwrap().kind, ErrorKind::InvalidRequest);
+        assert_eq!(failed.event.metadata, Value::Null);
+    }
+    // Within the limit, it is.
+    let mut small = with("metadata", json!({"tag": "x"}));
+    small["entity"] = json!("villain");
+    app.publish(&small).await;
+    app.next_dead_letter().await;
+    assert_eq!(app.next_event().await.event.metadata, json!({"tag": "x"}));
     assert!(app.llm_requests().await.is_empty(), "nothing was spent on a rejected request");
 
     // The models that are allowed: the configured one and the listed one.

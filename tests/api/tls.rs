@@ -10,7 +10,7 @@ use wiremock::MockServer;
 use crate::helpers::*;
 
 fn test_ca() -> PathBuf {
-    let dir = std::env::var("INSTRUCTD_TEST_TLS_DIR").unwrap_or_else(|_| "/var/lib/instructd-tls".to_owned());
+    let dir = std::env::var("INSTRUCTD_TLS_DIR").unwrap_or_else(|_| "/var/lib/instructd-tls".to_owned());
     let ca = PathBuf::from(dir).join("ca.pem");
     assert!(ca.is_file(), "{} is missing: run scripts/tls-services.sh", ca.display());
     ca
@@ -54,9 +54,27 @@ async fn the_daemon_talks_verified_tls_to_rabbitmq_and_postgres_with_a_ca_file()
 }
 
 #[test]
-fn a_ca_file_that_does_not_exist_stops_start_up_naming_the_key() {
-    let mut env = std::collections::HashMap::new();
-    env.insert("INSTRUCTD__BROKER__CA_FILE".to_owned(), "/nonexistent/ca.pem".to_owned());
-    let err = Settings::load_from(None, env).unwrap_err();
-    assert!(format!("{err:#}").contains("broker.ca_file: no such file"), "{err:#}");
+fn a_ca_file_that_is_missing_or_would_verify_nothing_stops_start_up_naming_the_key() {
+    let ca = test_ca();
+    let ca = ca.to_str().unwrap();
+    let cases = [
+        (vec![("INSTRUCTD__BROKER__CA_FILE", "/nonexistent/ca.pem")], "broker.ca_file: no such file"),
+        (vec![("INSTRUCTD__BROKER__CA_FILE", ca)], "broker.ca_file: needs an amqps:// broker.url"),
+        (
+            vec![("INSTRUCTD__DATABASE__CA_FILE", ca)],
+            "database.ca_file: needs sslmode=verify-full (or verify-ca) in database.url",
+        ),
+        (
+            vec![
+                ("INSTRUCTD__DATABASE__CA_FILE", ca),
+                ("INSTRUCTD__DATABASE__URL", "postgres://u:p@localhost/db?sslmode=require"),
+            ],
+            "database.ca_file: needs sslmode=verify-full",
+        ),
+    ];
+    for (env, expected) in cases {
+        let env = env.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+        let err = Settings::load_from(None, env).unwrap_err();
+        assert!(format!("{err:#}").contains(expected), "{err:#}");
+    }
 }
