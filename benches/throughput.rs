@@ -221,14 +221,15 @@ struct Names {
 
 async fn fresh_names() -> anyhow::Result<Names> {
     let admin_url = admin_database_url();
-    eprintln!("[bench] creating a database");
     let admin = Database::connect(admin_url.as_str()).await?;
     let suffix = Uuid::new_v4().simple().to_string();
     admin.execute_unprepared(&format!("CREATE DATABASE instructd_bench_{suffix}")).await?;
     let _ = admin.close().await;
     let (base, _) = admin_url.rsplit_once('/').expect("the admin URL names a database");
     Ok(Names {
-        database_url: format!("{base}/instructd_bench_{suffix}"),
+        // Plain TCP on loopback for both runs (the local Postgres also offers TLS, which
+        // sqlx would otherwise negotiate).
+        database_url: format!("{base}/instructd_bench_{suffix}?sslmode=disable"),
         request_queue: format!("bench.{suffix}.requests"),
         events_exchange: format!("bench.{suffix}.events"),
         dead_letter_queue: format!("bench.{suffix}.dlq"),
@@ -328,7 +329,9 @@ async fn drive(
                     )
                     .await?;
             }
-            anyhow::Ok(())
+            // Handed back, not dropped: closing the channel would discard publishes that
+            // are still queued in the client.
+            anyhow::Ok(channel)
         })
     };
     let mut latencies = Vec::with_capacity(jobs);
@@ -348,7 +351,8 @@ async fn drive(
         }
         permits.add_permits(1);
     }
-    publisher.await??;
+    let channel = publisher.await??;
+    let _ = channel.close(200, "done".into()).await;
     Ok((last.duration_since(origin), latencies))
 }
 
