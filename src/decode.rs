@@ -112,12 +112,11 @@ pub fn decode(
         Err(e) => return reject(rejection, format!("the body is not JSON: {e}")),
     };
     rejection.raw = raw.clone();
-    // Echoed in the failed event whatever else is wrong, unless it is over the limit.
-    rejection.metadata = raw
-        .get("metadata")
-        .filter(|metadata| json_size(metadata) <= settings.limits.max_metadata_bytes)
-        .cloned()
-        .unwrap_or(Value::Null);
+    // Measured once: checked below, and echoed in a failed event unless it is over the limit.
+    let metadata_bytes = raw.get("metadata").filter(|metadata| !metadata.is_null()).map_or(0, json_size);
+    if metadata_bytes <= settings.limits.max_metadata_bytes {
+        rejection.metadata = raw.get("metadata").cloned().unwrap_or(Value::Null);
+    }
     if let Some(entity) = raw.get("entity").and_then(Value::as_str) {
         rejection.entity = entity.to_owned();
         rejection.routing_entity = registry.get(entity).map(|kind| kind.name());
@@ -147,7 +146,7 @@ pub fn decode(
             return reject(rejection, format!("model: `{}` is not one of llm.allowed_models", clip(model)));
         }
     }
-    if let Err(reason) = within_limits(&request, settings) {
+    if let Err(reason) = within_limits(&request, metadata_bytes, settings) {
         return reject(rejection, reason);
     }
     let job_id = rejection.job_id;
@@ -168,7 +167,8 @@ pub fn decode(
 }
 
 /// The request's size against `limits.*`: checked before anything is spent on it.
-fn within_limits(request: &GenerationRequest, settings: &Settings) -> Result<(), String> {
+/// `metadata_bytes` is the size of the request's metadata as compact JSON (0 when absent).
+fn within_limits(request: &GenerationRequest, metadata_bytes: usize, settings: &Settings) -> Result<(), String> {
     let limits = &settings.limits;
     if request.messages.len() > limits.max_messages {
         return Err(format!(
@@ -186,14 +186,11 @@ fn within_limits(request: &GenerationRequest, settings: &Settings) -> Result<(),
             limits.max_content_bytes
         ));
     }
-    if let Some(metadata) = &request.metadata {
-        let size = json_size(metadata);
-        if size > limits.max_metadata_bytes {
-            return Err(format!(
-                "metadata: {size} bytes of JSON, over limits.max_metadata_bytes ({})",
-                limits.max_metadata_bytes
-            ));
-        }
+    if metadata_bytes > limits.max_metadata_bytes {
+        return Err(format!(
+            "metadata: {metadata_bytes} bytes of JSON, over limits.max_metadata_bytes ({})",
+            limits.max_metadata_bytes
+        ));
     }
     Ok(())
 }
