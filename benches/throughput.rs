@@ -24,8 +24,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
@@ -33,6 +32,13 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DbBackend, Statement, T
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
+
+// The tests' helpers: the same admin database, broker URL and event queue as the tests use.
+#[allow(dead_code)]
+#[path = "../tests/api/helpers.rs"]
+mod helpers;
+
+use helpers::{broker_url, create_database, listen};
 
 #[derive(Debug, Parser)]
 #[command(about = "instructd against the ceiling of its own stack")]
@@ -203,15 +209,6 @@ fn num_cpus() -> usize {
 // ---------------------------------------------------------------------------------------
 // The environment: a database and names of one's own, as the tests have.
 
-fn admin_database_url() -> String {
-    std::env::var("INSTRUCTD_TEST_ADMIN_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://instructd:instructd@127.0.0.1:5432/postgres".to_owned())
-}
-
-fn broker_url() -> String {
-    std::env::var("INSTRUCTD_TEST_BROKER_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
-
 struct Names {
     database_url: String,
     request_queue: String,
@@ -220,16 +217,11 @@ struct Names {
 }
 
 async fn fresh_names() -> anyhow::Result<Names> {
-    let admin_url = admin_database_url();
-    let admin = Database::connect(admin_url.as_str()).await?;
     let suffix = Uuid::new_v4().simple().to_string();
-    admin.execute_unprepared(&format!("CREATE DATABASE instructd_bench_{suffix}")).await?;
-    let _ = admin.close().await;
-    let (base, _) = admin_url.rsplit_once('/').expect("the admin URL names a database");
     Ok(Names {
         // Plain TCP on loopback for both runs (the local Postgres also offers TLS, which
         // sqlx would otherwise negotiate).
-        database_url: format!("{base}/instructd_bench_{suffix}?sslmode=disable"),
+        database_url: format!("{}?sslmode=disable", create_database().await),
         request_queue: format!("bench.{suffix}.requests"),
         events_exchange: format!("bench.{suffix}.events"),
         dead_letter_queue: format!("bench.{suffix}.dlq"),
@@ -267,30 +259,7 @@ async fn driver(names: &Names, scenario: Scenario) -> anyhow::Result<(Connection
     let channel = connection.create_channel().await?;
     instructd::broker::topology::declare(&channel, &settings.broker).await?;
     let events_channel = connection.create_channel().await?;
-    let queue = events_channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await?;
-    events_channel
-        .queue_bind(
-            queue.name().clone(),
-            names.events_exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let events = events_channel
-        .basic_consume(
-            queue.name().clone(),
-            "bench-events".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await?;
+    let events = listen(&events_channel, &names.events_exchange, "#").await;
     Ok((connection, channel, events))
 }
 
