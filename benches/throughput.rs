@@ -28,7 +28,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DbBackend, Statement, TransactionTrait};
+use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
@@ -247,6 +247,8 @@ fn settings_for(names: &Names, llm: Option<SocketAddr>, scenario: Scenario) -> H
     if let Some(llm) = llm {
         env.insert("INSTRUCTD__LLM__BASE_URL".into(), format!("http://{llm}/v1"));
     }
+    // Settings to try (e.g. INSTRUCTD__DATABASE__MAX_CONNECTIONS=32) reach both runs.
+    env.extend(std::env::vars().filter(|(key, _)| key.starts_with("INSTRUCTD__")));
     env
 }
 
@@ -420,9 +422,8 @@ async fn run_ceiling(scenario: Scenario, jobs: usize) -> anyhow::Result<Run> {
     let names = fresh_names().await?;
     let (connection, channel, events) = driver(&names, scenario).await?;
     let settings = instructd::config::Settings::load_from(None, settings_for(&names, None, scenario))?;
-    let mut options = ConnectOptions::new(names.database_url.clone());
-    options.max_connections(settings.database.max_connections).sqlx_logging(false);
-    let db = Database::connect(options).await?;
+    // The daemon's own pool settings.
+    let db = instructd::startup::connect_database(&settings).await?;
     db.execute_unprepared("CREATE TABLE ceiling (id uuid PRIMARY KEY, request jsonb NOT NULL)").await?;
 
     // Separate connections to consume and to publish, as instructd has.

@@ -111,20 +111,30 @@ pub fn decode(
         Ok(value) => value,
         Err(e) => return reject(rejection, format!("the body is not JSON: {e}")),
     };
-    rejection.raw = raw.clone();
+    // Postgres text and jsonb cannot hold a NUL character: such a request is rejected, and
+    // its failure recorded without it.
+    let nul = contains_nul(&raw);
+    if !nul {
+        rejection.raw = raw.clone();
+    }
     // Measured once: checked below, and echoed in a failed event unless it is over the limit.
     let metadata_bytes = raw.get("metadata").filter(|metadata| !metadata.is_null()).map_or(0, json_size);
-    if metadata_bytes <= settings.limits.max_metadata_bytes {
+    if metadata_bytes <= settings.limits.max_metadata_bytes && !nul {
         rejection.metadata = raw.get("metadata").cloned().unwrap_or(Value::Null);
     }
-    if let Some(entity) = raw.get("entity").and_then(Value::as_str) {
+    if let Some(entity) = raw.get("entity").and_then(Value::as_str).filter(|entity| !entity.contains('\0')) {
         rejection.entity = entity.to_owned();
         rejection.routing_entity = registry.get(entity).map(|kind| kind.name());
     }
     match raw.get("job_id") {
         None | Some(Value::Null) => {}
         Some(Value::String(id)) if Uuid::parse_str(id).is_ok() => rejection.job_id = Uuid::parse_str(id).unwrap(),
-        Some(other) => return reject(rejection, format!("job_id: {other} is not a UUID")),
+        Some(other) if !nul => return reject(rejection, format!("job_id: {other} is not a UUID")),
+        Some(_) => {}
+    }
+    if nul {
+        let reason = "the request contains a NUL character (\\u0000), which Postgres cannot store".to_owned();
+        return reject(rejection, reason);
     }
     let request: GenerationRequest = match serde_path_to_error::deserialize(&raw) {
         Ok(request) => request,
@@ -193,6 +203,16 @@ fn within_limits(request: &GenerationRequest, metadata_bytes: usize, settings: &
         ));
     }
     Ok(())
+}
+
+/// Whether any string or key in `value` holds a NUL character.
+fn contains_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(object) => object.iter().any(|(key, value)| key.contains('\0') || contains_nul(value)),
+        _ => false,
+    }
 }
 
 /// The size of `value` as compact JSON, in bytes.

@@ -53,7 +53,7 @@ pub trait EntityKind: Send + Sync {
     fn schema(&self) -> &Value;
     /// Parses and validates the model's JSON answer into a record ready to insert, with
     /// server-owned fields filled. The error text is fit to send back to the model.
-    fn hydrate(&self, answer: &str) -> Result<Box<dyn Record>, String>;
+    fn hydrate(&self, answer: &str) -> Result<Arc<dyn Record>, String>;
 }
 
 /// A validated, hydrated record (or graph of records) ready to be inserted.
@@ -141,11 +141,11 @@ where
         &self.schema
     }
 
-    fn hydrate(&self, answer: &str) -> Result<Box<dyn Record>, String> {
+    fn hydrate(&self, answer: &str) -> Result<Arc<dyn Record>, String> {
         let mut model: E::Model = parse_answer(answer)?;
         model.hydrate();
         model.validate()?;
-        Ok(Box::new(Row::<E>(model)))
+        Ok(Arc::new(Row::<E>(model)))
     }
 }
 

@@ -14,8 +14,8 @@
 //!    failures ([`llm::retry`]) and re-asking with the validation error;
 //! 4. **validate and hydrate** — [`entities::EntityKind::hydrate`] parses the answer into
 //!    the entity, filling server-owned fields;
-//! 5. **store** — [`store::Store::record_outcome`] writes entity + job + event (outbox) in
-//!    one transaction;
+//! 5. **store** — [`store::Store::record`] writes entity + job + event (outbox) in one
+//!    transaction (shared with other jobs finishing at the same moment: [`batch`]);
 //! 6. **acknowledge**, then **announce** — the event is published with publisher confirms;
 //!    [`relay`] publishes whatever was committed but not confirmed.
 //!
@@ -27,6 +27,7 @@
 //! - [`llm`] — provider client, retry policy, tools mode, re-ask loop.
 //! - [`entities`] — the registry of generated entities.
 //! - [`store`] — claims, outcomes and the outbox in Postgres.
+//! - [`batch`] — group commits: concurrent jobs' writes in shared statements.
 //! - [`relay`] — the outbox relay.
 //! - [`startup`] — build and run: supervisor, consumer loop, drain.
 //! - [`http`] — `/healthz`, `/readyz`, `/metrics`.
@@ -37,6 +38,7 @@
 #![forbid(unsafe_code)]
 #![warn(clippy::todo, clippy::dbg_macro, clippy::await_holding_lock)]
 
+pub mod batch;
 pub mod broker;
 pub mod config;
 pub mod contract;

@@ -7,8 +7,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, TransactionTrait, Value as DbValue};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Statement, TransactionTrait, Value as DbValue};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::broker::{PublishError, Publisher};
 use crate::store::OutboxEvent;
@@ -28,43 +29,81 @@ pub enum Undelivered {
     Database(#[from] DbErr),
 }
 
+/// Where a delivered event is marked published.
+#[derive(Clone, Copy)]
+pub enum Marks<'a> {
+    /// In the relay's transaction, which holds the event row's lock.
+    In(&'a DatabaseTransaction),
+    /// With other jobs' marks, in a shared statement (a worker announcing its own event
+    /// right after its commit).
+    Batched(&'a Store),
+}
+
+impl Marks<'_> {
+    async fn published(self, event_id: Uuid) -> Result<(), DbErr> {
+        match self {
+            Marks::In(txn) => {
+                txn.execute_raw(stmt(
+                    "UPDATE event_outbox SET published_at = now(), last_error = NULL
+                      WHERE event_id = $1 AND published_at IS NULL",
+                    [event_id.into()],
+                ))
+                .await?;
+                Ok(())
+            }
+            Marks::Batched(store) => store.mark_published(event_id).await,
+        }
+    }
+
+    async fn execute(self, statement: Statement) -> Result<(), DbErr> {
+        match self {
+            Marks::In(txn) => txn.execute_raw(statement).await?,
+            Marks::Batched(store) => store.db().execute_raw(statement).await?,
+        };
+        Ok(())
+    }
+}
+
 /// Delivers one outboxed event: first the requester's copy (when the request had a
 /// `reply_to`), then the mandatory copy to the events exchange; marks the event published
 /// once the broker confirmed and routed the latter. An event that could not be routed is
-/// backed off (5 s doubling to 5 min) and stays pending; its reply copy is not sent again.
-///
-/// `db` is the relay's transaction (which holds the row lock) or the pool.
-pub async fn deliver(db: &impl ConnectionTrait, publisher: &Publisher, event: &OutboxEvent) -> Result<(), Undelivered> {
-    if let Some(reply_to) = &event.reply_to {
-        publisher.publish_reply(event, reply_to).await?;
-        // The requester has its copy: later tries (if the exchange copy is returned) must
-        // not send it again.
-        db.execute_raw(stmt("UPDATE event_outbox SET reply_to = NULL WHERE event_id = $1", [event.event_id.into()]))
-            .await?;
-    }
-    match publisher.publish_event(event).await {
-        Ok(()) => {
-            db.execute_raw(stmt(
-                "UPDATE event_outbox SET published_at = now(), last_error = NULL
-                  WHERE event_id = $1 AND published_at IS NULL",
-                [event.event_id.into()],
-            ))
-            .await?;
-            Ok(())
+/// backed off (5 s doubling to 5 min) and stays pending; once the requester has its copy,
+/// later tries do not send it again.
+pub async fn deliver(marks: Marks<'_>, publisher: &Publisher, event: &OutboxEvent) -> Result<(), Undelivered> {
+    let replied = match &event.reply_to {
+        Some(reply_to) => {
+            publisher.publish_reply(event, reply_to).await?;
+            true
         }
+        None => false,
+    };
+    match publisher.publish_event(event).await {
+        Ok(()) => Ok(marks.published(event.event_id).await?),
         Err(error @ PublishError::Returned(_)) => {
-            db.execute_raw(stmt(
-                "UPDATE event_outbox
-                    SET attempts = attempts + 1,
-                        next_attempt_at = now() + make_interval(secs => least(300, 5 * power(2, least(attempts, 10)))),
-                        last_error = $2
-                  WHERE event_id = $1",
-                [event.event_id.into(), error.to_string().into()],
-            ))
-            .await?;
+            marks
+                .execute(stmt(
+                    "UPDATE event_outbox
+                        SET attempts = attempts + 1,
+                            next_attempt_at = now() + make_interval(secs => least(300, 5 * power(2, least(attempts, 10)))),
+                            last_error = $2,
+                            reply_to = CASE WHEN $3 THEN NULL ELSE reply_to END
+                      WHERE event_id = $1",
+                    [event.event_id.into(), error.to_string().into(), replied.into()],
+                ))
+                .await?;
             Err(error.into())
         }
-        Err(error) => Err(error.into()),
+        Err(error) => {
+            if replied {
+                marks
+                    .execute(stmt(
+                        "UPDATE event_outbox SET reply_to = NULL WHERE event_id = $1",
+                        [event.event_id.into()],
+                    ))
+                    .await?;
+            }
+            Err(error.into())
+        }
     }
 }
 
@@ -101,7 +140,7 @@ pub async fn relay_pending(store: &Store, publisher: &Publisher, min_age: Durati
         let batch = rows.len();
         for row in &rows {
             let event = outbox_event_from_row(row)?;
-            match deliver(&txn, publisher, &event).await {
+            match deliver(Marks::In(&txn), publisher, &event).await {
                 Ok(()) => published += 1,
                 Err(Undelivered::Publish(PublishError::Returned(_))) => {
                     unroutable.insert(event.routing_key);

@@ -49,12 +49,21 @@ async fn connect_pool(settings: &Settings, max_connections: u32) -> anyhow::Resu
         .max_connections(max_connections)
         .connect_timeout(Duration::from_secs(settings.database.connect_timeout_secs))
         .acquire_timeout(Duration::from_secs(settings.database.connect_timeout_secs))
+        // sqlx pings every connection it hands out, a round trip per checkout; only one that
+        // sat idle long enough for a server, proxy or firewall to have dropped it needs it.
+        // (A connection that broke anyway fails its statement, which is retried.)
+        .test_before_acquire_if_idle_for(Duration::from_secs(30))
         .sqlx_logging(false);
-    if !settings.database.ca_file.is_empty() {
+    let ca_file = settings.database.ca_file.clone();
+    options.map_sqlx_postgres_opts(move |pg| {
+        // Plan each statement for its parameters, against the tables as they are now. A
+        // plan cached while a table was small would scan it (or an index full of dead
+        // entries) long after it has grown; the few statements instructd runs are cheap
+        // to plan.
+        let pg = pg.options([("plan_cache_mode", "force_custom_plan")]);
         // Added to the system's roots, for sslmode=verify-ca / verify-full.
-        let ca_file = settings.database.ca_file.clone();
-        options.map_sqlx_postgres_opts(move |pg| pg.ssl_root_cert(&ca_file));
-    }
+        if ca_file.is_empty() { pg } else { pg.ssl_root_cert(&ca_file) }
+    });
     Database::connect(options)
         .await
         .with_context(|| format!("cannot connect to Postgres at {}", redacted_url(&settings.database.url)))

@@ -120,7 +120,7 @@ impl Worker {
         tracing::error!(%reason, "giving up on a job");
         let failure = JobError::new(ErrorKind::Internal, reason);
         let trace = llm::CallTrace::default();
-        let outcome = Outcome { result: Err(&failure), trace: &trace };
+        let finish = self.store.finish(&record, token, &Outcome { result: Err(&failure), trace: &trace });
         // The claim stays renewed while the broker confirms the copy and the failure commits
         // (a blocked broker may take a while).
         let settled = tokio::select! {
@@ -128,7 +128,7 @@ impl Worker {
                 publisher.dead_letter(&delivery.data, &delivery.properties, &failure.message).await.map_err(|error| {
                     tracing::error!(%error, "cannot dead-letter the message; leaving it for redelivery");
                 })?;
-                self.with_db_retries(|| self.store.record_outcome(&record, token, &outcome)).await.map_err(|reason| {
+                self.with_db_retries(|| self.store.record(&finish)).await.map_err(|reason| {
                     tracing::warn!(%reason, "job left for redelivery");
                 })
             } => settled,
@@ -191,15 +191,17 @@ impl Worker {
         };
         let record = job.record();
         let failure;
-        let mut outcome = Outcome { result: generation.outcome.as_ref().map(|r| r.as_ref()), trace: &generation.trace };
-        let stored = match self.with_db_retries(|| self.store.record_outcome(&record, token, &outcome)).await {
+        let mut outcome = Outcome { result: generation.outcome.as_ref(), trace: &generation.trace };
+        let finish = self.store.finish(&record, token, &outcome);
+        let stored = match self.with_db_retries(|| self.store.record(&finish)).await {
             Err(Abandon::Database(error)) => {
                 // The record itself cannot be stored (a constraint the schema did not
                 // express): the job fails for good rather than looping on redelivery.
                 tracing::error!(error = %error, "storing the record failed; failing the job");
                 failure = JobError::new(ErrorKind::Internal, format!("the record could not be stored: {error}"));
                 outcome.result = Err(&failure);
-                self.with_db_retries(|| self.store.record_outcome(&record, token, &outcome)).await?
+                let finish = self.store.finish(&record, token, &outcome);
+                self.with_db_retries(|| self.store.record(&finish)).await?
             }
             other => other?,
         };
@@ -264,7 +266,7 @@ impl Worker {
     /// Delivers an outboxed event right after its commit. Whatever is not confirmed stays
     /// in the outbox for the relay.
     async fn announce(&self, publisher: &Publisher, event: &OutboxEvent) {
-        match relay::deliver(self.store.db(), publisher, event).await {
+        match relay::deliver(relay::Marks::Batched(&self.store), publisher, event).await {
             Ok(()) => tracing::debug!(routing_key = %event.routing_key, "event published"),
             Err(Undelivered::Publish(PublishError::Returned(_))) => tracing::warn!(
                 routing_key = %event.routing_key,

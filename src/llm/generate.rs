@@ -2,6 +2,7 @@
 //! inside each call ([`super::client`]); this loop only ever shows the model its own
 //! answer and what was wrong with it.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::Value;
@@ -40,7 +41,7 @@ pub struct CallTrace {
 
 /// The end of the generation step: a record to store, or why the job failed.
 pub struct Generation {
-    pub outcome: Result<Box<dyn Record>, JobError>,
+    pub outcome: Result<Arc<dyn Record>, JobError>,
     pub trace: CallTrace,
 }
 

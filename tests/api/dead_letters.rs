@@ -38,6 +38,13 @@ async fn malformed_messages_are_dead_lettered_with_their_reason_and_work_goes_on
             "not a generation request",
             "job.failed.hero",
         ),
+        (
+            serde_json::to_vec(&json!({"entity": "hero", "messages": [{"role": "user", "content": "a\u{0}b"}]}))
+                .unwrap(),
+            json_props(),
+            "the request contains a NUL character (\\u0000), which Postgres cannot store",
+            "job.failed.hero",
+        ),
     ];
 
     for (body, properties, reason, routing_key) in &cases {

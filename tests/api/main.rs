@@ -2,6 +2,7 @@
 //! by `scripts/services.sh`), with the LLM faked at the HTTP level by wiremock so that the
 //! real async-openai client, HTTP, retries and timeouts run.
 
+mod batching;
 mod cli;
 mod contract_docs;
 mod dead_letters;

@@ -1,0 +1,162 @@
+//! Group commits. Hundreds of jobs in flight each make the same few small writes (claim a
+//! job, record an outcome, mark an event published); made one by one, each is a round trip
+//! and a commit, and Postgres spends its time on the protocol rather than on the rows.
+//! A [`Batcher`] hands them to a few writer tasks that each take everything waiting and
+//! write it in one statement or transaction.
+//!
+//! Batches form on their own: a writer takes what queued up while the previous batch was
+//! being written, and never waits for more. An idle daemon writes each item at once, as
+//! before; a busy one writes fewer, larger batches.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use sea_orm::{DbErr, RuntimeErr};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+/// The most items one write takes: large enough to amortise a round trip, small enough
+/// that one statement stays quick.
+pub const MAX_BATCH: usize = 128;
+
+type Pending<I, O> = (I, oneshot::Sender<Result<O, DbErr>>);
+
+/// Submits items to writer tasks that write them in batches. Cheap to clone; the writers
+/// stop when the last clone is dropped.
+pub struct Batcher<I, O> {
+    queue: mpsc::UnboundedSender<Pending<I, O>>,
+}
+
+impl<I, O> Clone for Batcher<I, O> {
+    fn clone(&self) -> Self {
+        Self { queue: self.queue.clone() }
+    }
+}
+
+impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
+    /// Spawns `writers` tasks that call `write` with up to [`MAX_BATCH`] items at a time.
+    /// `write` returns one result per item, in order.
+    ///
+    /// Must be called within a Tokio runtime.
+    pub fn spawn<W, Fut>(writers: usize, write: W) -> Self
+    where
+        W: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<Result<O, DbErr>>> + Send,
+    {
+        let (queue, receiver) = mpsc::unbounded_channel::<Pending<I, O>>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        let write = Arc::new(write);
+        for _ in 0..writers.max(1) {
+            let (receiver, write) = (receiver.clone(), write.clone());
+            tokio::spawn(async move {
+                while let Some(batch) = next_batch(&receiver).await {
+                    let (items, replies): (Vec<I>, Vec<_>) = batch.into_iter().unzip();
+                    let count = items.len();
+                    let mut results = write(items).await.into_iter();
+                    for reply in replies {
+                        let result = results.next().unwrap_or_else(|| {
+                            Err(DbErr::Custom(format!("a batch of {count} writes returned fewer results")))
+                        });
+                        // The submitter may have given up (shutdown): the write stands.
+                        let _ = reply.send(result);
+                    }
+                }
+            });
+        }
+        Self { queue }
+    }
+
+    /// Queues `item` for the next batch and waits for its result.
+    pub async fn submit(&self, item: I) -> Result<O, DbErr> {
+        let (reply, result) = oneshot::channel();
+        self.queue.send((item, reply)).map_err(|_| gone())?;
+        result.await.map_err(|_| gone())?
+    }
+}
+
+/// Waits for one item, then takes whatever else is already waiting, up to [`MAX_BATCH`].
+/// `None` once every [`Batcher`] is dropped.
+async fn next_batch<T>(receiver: &Mutex<mpsc::UnboundedReceiver<T>>) -> Option<Vec<T>> {
+    let mut receiver = receiver.lock().await;
+    let first = receiver.recv().await?;
+    let mut batch = Vec::with_capacity(receiver.len().min(MAX_BATCH - 1) + 1);
+    batch.push(first);
+    while batch.len() < MAX_BATCH {
+        match receiver.try_recv() {
+            Ok(next) => batch.push(next),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+/// A writer is gone (it panicked, or the runtime is shutting down): transient, so the
+/// caller's retry policy applies.
+fn gone() -> DbErr {
+    DbErr::Conn(RuntimeErr::Internal("the database writer stopped".to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn each_submitter_gets_its_own_result() {
+        let batcher =
+            Batcher::spawn(2, |items: Vec<u32>| async move { items.into_iter().map(|i| Ok(i * 2)).collect() });
+        let results = futures_util::future::join_all((0..500).map(|i| {
+            let batcher = batcher.clone();
+            async move { batcher.submit(i).await.unwrap() }
+        }))
+        .await;
+        assert_eq!(results, (0..500).map(|i| i * 2).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn items_that_queue_during_a_write_go_together_in_the_next() {
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let batcher = Batcher::spawn(1, {
+            let sizes = sizes.clone();
+            move |items: Vec<u32>| {
+                sizes.lock().unwrap().push(items.len());
+                async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    items.into_iter().map(Ok).collect()
+                }
+            }
+        });
+        let first = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.submit(0).await }
+        });
+        // The writer is busy with the first item until these are all queued.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let rest = futures_util::future::join_all((1..=10).map(|i| batcher.submit(i))).await;
+        first.await.unwrap().unwrap();
+        assert!(rest.iter().all(Result::is_ok));
+        assert_eq!(*sizes.lock().unwrap(), vec![1, 10]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_never_exceeds_the_maximum() {
+        let largest = Arc::new(AtomicUsize::new(0));
+        let batcher = Batcher::spawn(1, {
+            let largest = largest.clone();
+            move |items: Vec<usize>| {
+                largest.fetch_max(items.len(), Ordering::Relaxed);
+                async move { items.into_iter().map(Ok).collect() }
+            }
+        });
+        let all = futures_util::future::join_all((0..3 * MAX_BATCH).map(|i| batcher.submit(i))).await;
+        assert!(all.iter().all(Result::is_ok));
+        assert!(largest.load(Ordering::Relaxed) <= MAX_BATCH);
+    }
+
+    #[tokio::test]
+    async fn a_short_answer_from_the_writer_is_an_error_not_a_hang() {
+        let batcher = Batcher::spawn(1, |_items: Vec<u32>| async move { Vec::<Result<u32, DbErr>>::new() });
+        assert!(matches!(batcher.submit(1).await, Err(DbErr::Custom(_))));
+    }
+}
