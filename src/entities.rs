@@ -1,6 +1,7 @@
 //! The registry of entities a request may name. Adding an entity is one line in
 //! [`Registry::builtin`] (plus its entity file and migration).
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -62,8 +63,32 @@ pub trait Record: Send + Sync {
     fn id(&self) -> Uuid;
     /// The record as the completion event carries it.
     fn to_json(&self) -> Value;
-    /// Inserts the row(s) in the job's transaction (again, if the transaction is retried).
-    fn insert<'a>(&'a self, txn: &'a DatabaseTransaction) -> BoxFuture<'a, Result<(), DbErr>>;
+    /// The record as `Any`, to tell records of one entity from another's.
+    fn as_any(&self) -> &dyn Any;
+    /// Inserts `rows`, records of this one's entity, in `txn`: one INSERT for them all,
+    /// then their children. See [`insert_records`].
+    fn insert_rows<'a>(
+        &'a self,
+        rows: &'a [&'a dyn Record],
+        txn: &'a DatabaseTransaction,
+    ) -> BoxFuture<'a, Result<(), DbErr>>;
+}
+
+/// Inserts records of any entities in `txn` (the outcomes of a batch of jobs): one INSERT
+/// per entity rather than one per record.
+pub async fn insert_records(records: &[&dyn Record], txn: &DatabaseTransaction) -> Result<(), DbErr> {
+    let mut groups: Vec<Vec<&dyn Record>> = Vec::new();
+    for record in records {
+        let entity = record.as_any().type_id();
+        match groups.iter_mut().find(|group| group[0].as_any().type_id() == entity) {
+            Some(group) => group.push(*record),
+            None => groups.push(vec![*record]),
+        }
+    }
+    for group in &groups {
+        group[0].insert_rows(group, txn).await?;
+    }
+    Ok(())
 }
 
 struct Table<E> {
@@ -165,11 +190,27 @@ where
         serde_json::to_value(&self.0).expect("entity models serialize to JSON")
     }
 
-    fn insert<'a>(&'a self, txn: &'a DatabaseTransaction) -> BoxFuture<'a, Result<(), DbErr>> {
-        let active = self.0.clone().into_active_model();
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn insert_rows<'a>(
+        &'a self,
+        rows: &'a [&'a dyn Record],
+        txn: &'a DatabaseTransaction,
+    ) -> BoxFuture<'a, Result<(), DbErr>> {
+        let models: Vec<&E::Model> = rows
+            .iter()
+            .map(|row| &row.as_any().downcast_ref::<Self>().expect("rows of one entity are grouped together").0)
+            .collect();
         Box::pin(async move {
-            E::insert(active).exec_without_returning(txn).await?;
-            self.0.insert_children(txn).await
+            E::insert_many(models.iter().map(|model| (*model).clone().into_active_model()))
+                .exec_without_returning(txn)
+                .await?;
+            for model in models {
+                model.insert_children(txn).await?;
+            }
+            Ok(())
         })
     }
 }

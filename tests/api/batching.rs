@@ -181,3 +181,36 @@ async fn marks_of_many_events_land_on_exactly_those_events() {
         assert_eq!(count(&store, &sql).await, 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heroes_and_teams_finishing_together_are_each_stored_with_their_heroes() {
+    let store = store().await;
+    let request = json!({"entity": "any"});
+    let trace = CallTrace { attempts: 1, ..Default::default() };
+    let registry = Registry::builtin();
+    let team = |name: &str| {
+        let answer = json!({
+            "name": name,
+            "headquarters": "Somewhere",
+            "heroes": [{"name": format!("{name} One"), "secret_name": "A"}, {"name": format!("{name} Two"), "secret_name": "B"}],
+        });
+        registry.get("team").expect("team is registered").hydrate(&answer.to_string()).expect("a valid team")
+    };
+    let records = [hero("Solo 1"), team("Alpha"), hero("Solo 2"), team("Beta"), hero("Solo 3")];
+    let mut finishes = Vec::new();
+    for record in &records {
+        let job_id = Uuid::new_v4();
+        let token = acquire(&store, job_id, &request).await;
+        finishes.push(store.finish(&job(job_id, &request), token, &Outcome { result: Ok(record), trace: &trace }));
+    }
+    let stored = join_all(finishes.iter().map(|finish| store.record(finish))).await;
+    assert!(stored.iter().all(|stored| matches!(stored, Ok(Some(_)))), "{stored:?}");
+    assert_eq!(count(&store, "SELECT count(*) FROM team").await, 2);
+    assert_eq!(count(&store, "SELECT count(*) FROM hero WHERE team_id IS NULL").await, 3);
+    for name in ["Alpha", "Beta"] {
+        let sql = format!(
+            "SELECT count(*) FROM hero JOIN team ON team.id = hero.team_id WHERE team.name = '{name}' AND hero.name LIKE '{name} %'"
+        );
+        assert_eq!(count(&store, &sql).await, 2, "{name}'s heroes belong to {name}");
+    }
+}
