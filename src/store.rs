@@ -190,6 +190,7 @@ impl Store {
             metadata: job.metadata.clone(),
             finished_at: Utc::now(),
         };
+        let outbox = outbox_event(job, &event);
         let row = json!({
             "job_id": job.job_id,
             "token": token,
@@ -200,12 +201,12 @@ impl Store {
             "usage": trace.usage,
             "responses": trace.responses,
             "event_id": event.event_id,
-            "routing_key": crate::contract::routing_key(status, job.routing_entity),
+            "routing_key": outbox.routing_key,
             "correlation_id": job.correlation_id,
             "reply_to": job.reply_to,
             "payload": serde_json::to_value(&event).expect("events serialize"),
         });
-        Arc::new(Finish { event: outbox_event(job, &event), row, record })
+        Arc::new(Finish { event: outbox, row, record })
     }
 
     /// Records a claimed job's outcome in one transaction: the entity row(s), the job row
@@ -285,22 +286,21 @@ async fn insert_event(
     job: &JobRecord<'_>,
     event: &CompletionEvent,
 ) -> Result<OutboxEvent, DbErr> {
-    let payload = serde_json::to_value(event).expect("events serialize");
-    let routing_key = crate::contract::routing_key(event.status, job.routing_entity);
+    let outbox = outbox_event(job, event);
     txn.execute_raw(stmt(
         "INSERT INTO event_outbox (event_id, job_id, routing_key, correlation_id, reply_to, payload)
          VALUES ($1, $2, $3, $4, $5, $6)",
         [
             event.event_id.into(),
             event.job_id.into(),
-            routing_key.as_str().into(),
+            outbox.routing_key.as_str().into(),
             job.correlation_id.into(),
-            job.reply_to.map(str::to_owned).into(),
-            payload.into(),
+            outbox.reply_to.clone().into(),
+            serde_json::to_value(event).expect("events serialize").into(),
         ],
     ))
     .await?;
-    Ok(outbox_event(job, event))
+    Ok(outbox)
 }
 
 fn outbox_event(job: &JobRecord<'_>, event: &CompletionEvent) -> OutboxEvent {
