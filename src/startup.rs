@@ -112,6 +112,7 @@ impl Application {
         let stop = CancellationToken::new();
         let max_disconnected = Duration::from_secs(settings.broker.max_disconnected_secs);
         let health = Arc::new(Health::new(db.clone(), max_disconnected, stop.clone()));
+        let announcing = Arc::new(Semaphore::new(usize::from(settings.worker.concurrency)));
         let worker = Worker {
             settings: Arc::new(settings),
             registry,
@@ -120,6 +121,7 @@ impl Application {
             strategies,
             stop,
             abort: CancellationToken::new(),
+            announcing,
         };
         Ok(Self { worker: Arc::new(worker), health, listener, http_addr, metrics })
     }
@@ -248,8 +250,7 @@ async fn run_session(
                 let worker = worker.clone();
                 let publisher = publisher.clone();
                 tracker.spawn(async move {
-                    worker.run_job(delivery, &publisher).await;
-                    drop(permit);
+                    worker.run_job(delivery, &publisher, permit).await;
                 });
             }
             Some(Err(error)) => return Err(error).context("the request consumer failed"),

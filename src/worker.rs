@@ -9,6 +9,7 @@ use backon::{ExponentialBuilder, Retryable};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use sea_orm::DbErr;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
 
@@ -36,7 +37,16 @@ pub struct Worker {
     /// Cancelled when the shutdown grace period is over: give up and leave the delivery
     /// to redelivery.
     pub abort: CancellationToken,
+    /// Bounds the events being announced by jobs that have already given back their slot
+    /// (`worker.concurrency` of them): a slow broker holds jobs back rather than letting
+    /// announcements pile up.
+    pub announcing: Arc<Semaphore>,
 }
+
+/// A job's place among the `worker.concurrency` that run at once. Held from delivery until
+/// the request is acked or requeued; not while the event is announced, which needs neither
+/// the model nor the database's locks, only the broker.
+pub type Slot = OwnedSemaphorePermit;
 
 /// Why a job was left for redelivery instead of being finished.
 #[derive(Debug, thiserror::Error)]
@@ -51,30 +61,30 @@ impl Worker {
     /// Runs one delivery to its end. Never fails: every path ends in an ack (outcome
     /// committed, or dead-lettered), or a requeue for redelivery (shutdown, outage).
     #[tracing::instrument(name = "job", skip_all, fields(job_id = Empty, entity = Empty, attempt = Empty, redelivered = delivery.redelivered))]
-    pub async fn run_job(&self, delivery: Delivery, publisher: &Publisher) {
+    pub async fn run_job(&self, delivery: Delivery, publisher: &Publisher, slot: Slot) {
         let _in_flight = metrics::InFlight::start();
         let job = match decode(&delivery.data, &delivery.properties, &self.registry, &self.settings) {
             Ok(job) => job,
-            Err(rejection) => return self.dead_letter(delivery, *rejection, publisher).await,
+            Err(rejection) => return self.dead_letter(delivery, *rejection, publisher, slot).await,
         };
         let span = tracing::Span::current();
         span.record("job_id", tracing::field::display(job.id));
         span.record("entity", job.kind.name());
 
         if job.previous_deliveries >= u64::from(self.settings.broker.delivery_limit) {
-            return self.give_up(delivery, &job, publisher).await;
+            return self.give_up(delivery, &job, publisher, slot).await;
         }
-        self.finish(delivery, &job, publisher).await
+        self.finish(delivery, &job, publisher, slot).await
     }
 
     /// Settles the job, then acks (outcome committed) or requeues (shutdown, outage).
-    async fn finish(&self, delivery: Delivery, job: &Job, publisher: &Publisher) {
+    async fn finish(&self, delivery: Delivery, job: &Job, publisher: &Publisher, slot: Slot) {
         match self.settle(job).await {
             Ok(event) => {
                 // The outcome is committed: only now may the request leave the queue.
                 acknowledge(&delivery).await;
                 if let Some(event) = event {
-                    self.announce(publisher, &event).await;
+                    self.announce(publisher, &event, slot).await;
                 }
             }
             Err(reason) => {
@@ -90,13 +100,13 @@ impl Worker {
     /// `internal`, copy the message to the dead-letter queue with the reason, and announce
     /// the failure. Only if nobody holds a live claim on the job: a job that is running or
     /// finished elsewhere takes the normal path.
-    async fn give_up(&self, delivery: Delivery, job: &Job, publisher: &Publisher) {
+    async fn give_up(&self, delivery: Delivery, job: &Job, publisher: &Publisher, slot: Slot) {
         let record = job.record();
         let lease = Duration::from_secs(self.settings.worker.job_lease_secs);
         let token = loop {
             match self.with_db_retries(|| self.store.claim_job(&record, lease)).await {
                 Ok(Claim::Acquired { token }) => break token,
-                Ok(Claim::Finished) => return self.finish(delivery, job, publisher).await,
+                Ok(Claim::Finished) => return self.finish(delivery, job, publisher, slot).await,
                 // The last holder may be alive (cut off from the broker, still working):
                 // wait for it to finish or for its lease to run out.
                 Ok(Claim::Busy { .. }) => {
@@ -139,7 +149,7 @@ impl Worker {
                 acknowledge(&delivery).await;
                 if let Some(event) = event {
                     metrics::dead_lettered(job.kind.name(), ErrorKind::Internal);
-                    self.announce(publisher, &event).await;
+                    self.announce(publisher, &event, slot).await;
                 }
             }
             Err(()) => requeue(&delivery).await,
@@ -237,7 +247,7 @@ impl Worker {
 
     /// A message that can never succeed: copy it to the DLQ with its reason (confirmed),
     /// record the failed job and its event, then ack. Nothing is dropped silently.
-    async fn dead_letter(&self, delivery: Delivery, rejection: Rejection, publisher: &Publisher) {
+    async fn dead_letter(&self, delivery: Delivery, rejection: Rejection, publisher: &Publisher, slot: Slot) {
         let span = tracing::Span::current();
         span.record("job_id", tracing::field::display(rejection.job_id));
         span.record("entity", rejection.entity.as_str());
@@ -258,14 +268,17 @@ impl Worker {
         // database could not record the failure (it is then only in the DLQ).
         acknowledge(&delivery).await;
         match event {
-            Ok(event) => self.announce(publisher, &event).await,
+            Ok(event) => self.announce(publisher, &event, slot).await,
             Err(reason) => tracing::error!(%reason, "the failed job could not be recorded; no event is sent"),
         }
     }
 
-    /// Delivers an outboxed event right after its commit. Whatever is not confirmed stays
-    /// in the outbox for the relay.
-    async fn announce(&self, publisher: &Publisher, event: &OutboxEvent) {
+    /// Delivers an outboxed event right after its commit and ack, giving the job's slot to
+    /// the next delivery once there is room among the announcements. Whatever is not
+    /// confirmed stays in the outbox for the relay.
+    async fn announce(&self, publisher: &Publisher, event: &OutboxEvent, slot: Slot) {
+        let _announcing = self.announcing.acquire().await.expect("the semaphore is never closed");
+        drop(slot);
         match relay::deliver(relay::Marks::Batched(&self.store), publisher, event).await {
             Ok(()) => tracing::debug!(routing_key = %event.routing_key, "event published"),
             Err(Undelivered::Publish(PublishError::Returned(_))) => tracing::warn!(
