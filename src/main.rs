@@ -12,6 +12,12 @@ use instructd::entities::Registry;
 use instructd::startup::{self, Application};
 use instructd::{enqueue, shutdown, telemetry};
 
+/// Each job allocates many small, short-lived buffers (JSON, HTTP, AMQP frames) across
+/// threads; glibc's malloc spent a fifth of the daemon's CPU on them (see the README's
+/// "Performance").
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Turns LLM generation requests on RabbitMQ into validated rows in Postgres.
 #[derive(Debug, Parser)]
 #[command(name = "instructd", version, about)]
