@@ -6,13 +6,15 @@
 //!
 //! Batches form on their own: a writer takes what queued up while the previous batch was
 //! being written, and never waits for more. An idle daemon writes each item at once, as
-//! before; a busy one writes fewer, larger batches.
+//! before; a busy one writes fewer, larger batches. Writes that no job waits on (the
+//! "published" marks) may instead linger a few milliseconds for more.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use sea_orm::{DbErr, RuntimeErr};
 use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::time::{Duration, Instant};
 
 /// The most items one write takes: large enough to amortise a round trip, small enough
 /// that one statement stays quick.
@@ -42,13 +44,24 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         W: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Result<O, DbErr>>> + Send,
     {
+        Self::spawn_lingering(writers, Duration::ZERO, write)
+    }
+
+    /// Like [`spawn`](Self::spawn), but a writer that found fewer than [`MAX_BATCH`] items
+    /// waits up to `linger` for more before writing: for writes nobody waits on to go on
+    /// with a job, larger batches for a little latency.
+    pub fn spawn_lingering<W, Fut>(writers: usize, linger: Duration, write: W) -> Self
+    where
+        W: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<Result<O, DbErr>>> + Send,
+    {
         let (queue, receiver) = mpsc::unbounded_channel::<Pending<I, O>>();
         let receiver = Arc::new(Mutex::new(receiver));
         let write = Arc::new(write);
         for _ in 0..writers.max(1) {
             let (receiver, write) = (receiver.clone(), write.clone());
             tokio::spawn(async move {
-                while let Some(batch) = next_batch(&receiver).await {
+                while let Some(batch) = next_batch(&receiver, linger).await {
                     let (items, replies): (Vec<I>, Vec<_>) = batch.into_iter().unzip();
                     let count = items.len();
                     let mut results = write(items).await.into_iter();
@@ -73,17 +86,22 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     }
 }
 
-/// Waits for one item, then takes whatever else is already waiting, up to [`MAX_BATCH`].
-/// `None` once every [`Batcher`] is dropped.
-async fn next_batch<T>(receiver: &Mutex<mpsc::UnboundedReceiver<T>>) -> Option<Vec<T>> {
+/// Waits for one item, then takes whatever else is already waiting or arrives within
+/// `linger`, up to [`MAX_BATCH`]. `None` once every [`Batcher`] is dropped.
+async fn next_batch<T>(receiver: &Mutex<mpsc::UnboundedReceiver<T>>, linger: Duration) -> Option<Vec<T>> {
     let mut receiver = receiver.lock().await;
     let first = receiver.recv().await?;
+    let deadline = Instant::now() + linger;
     let mut batch = Vec::with_capacity(receiver.len().min(MAX_BATCH - 1) + 1);
     batch.push(first);
     while batch.len() < MAX_BATCH {
         match receiver.try_recv() {
             Ok(next) => batch.push(next),
-            Err(_) => break,
+            Err(_) if linger.is_zero() => break,
+            Err(_) => match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                Ok(Some(next)) => batch.push(next),
+                Ok(None) | Err(_) => break,
+            },
         }
     }
     Some(batch)
@@ -152,6 +170,47 @@ mod tests {
         let all = futures_util::future::join_all((0..3 * MAX_BATCH).map(|i| batcher.submit(i))).await;
         assert!(all.iter().all(Result::is_ok));
         assert!(largest.load(Ordering::Relaxed) <= MAX_BATCH);
+    }
+
+    /// A writer that records the size of each batch it writes.
+    fn recording(linger: Duration) -> (Batcher<usize, usize>, Arc<std::sync::Mutex<Vec<usize>>>) {
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let batcher = Batcher::spawn_lingering(1, linger, {
+            let sizes = sizes.clone();
+            move |items: Vec<usize>| {
+                sizes.lock().unwrap().push(items.len());
+                async move { items.into_iter().map(Ok).collect() }
+            }
+        });
+        (batcher, sizes)
+    }
+
+    #[tokio::test]
+    async fn a_lingering_writer_waits_for_more_before_writing() {
+        let (batcher, sizes) = recording(Duration::from_secs(2));
+        let first = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.submit(0).await }
+        });
+        // The writer took the first item and lingers for more.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let rest = futures_util::future::join_all((1..=10).map(|i| batcher.submit(i))).await;
+        assert_eq!(first.await.unwrap().unwrap(), 0);
+        assert_eq!(rest.into_iter().map(Result::unwrap).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+        assert_eq!(*sizes.lock().unwrap(), vec![11]);
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_is_written_without_lingering() {
+        let (batcher, sizes) = recording(Duration::from_secs(3600));
+        let all = tokio::time::timeout(
+            Duration::from_secs(60),
+            futures_util::future::join_all((0..MAX_BATCH).map(|i| batcher.submit(i))),
+        )
+        .await
+        .expect("a full batch does not wait out the linger");
+        assert!(all.iter().all(Result::is_ok));
+        assert_eq!(*sizes.lock().unwrap(), vec![MAX_BATCH]);
     }
 
     #[tokio::test]

@@ -112,7 +112,9 @@ impl Application {
         let stop = CancellationToken::new();
         let max_disconnected = Duration::from_secs(settings.broker.max_disconnected_secs);
         let health = Arc::new(Health::new(db.clone(), max_disconnected, stop.clone()));
-        let announcing = Arc::new(Semaphore::new(usize::from(settings.worker.concurrency)));
+        // Twice the slots: an announcement is short (a confirm and a batched mark), but must not
+        // become what jobs wait for.
+        let announcing = Arc::new(Semaphore::new(2 * usize::from(settings.worker.concurrency)));
         let worker = Worker {
             settings: Arc::new(settings),
             registry,

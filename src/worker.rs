@@ -38,7 +38,7 @@ pub struct Worker {
     /// to redelivery.
     pub abort: CancellationToken,
     /// Bounds the events being announced by jobs that have already given back their slot
-    /// (`worker.concurrency` of them): a slow broker holds jobs back rather than letting
+    /// (twice `worker.concurrency`): a slow broker holds jobs back rather than letting
     /// announcements pile up.
     pub announcing: Arc<Semaphore>,
 }
