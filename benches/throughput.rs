@@ -365,8 +365,26 @@ async fn run_instructd(scenario: Scenario, jobs: usize, llm: &FakeLlm) -> anyhow
     anyhow::ensure!(kill.success(), "could not signal the daemon");
     let status = tokio::time::timeout(Duration::from_secs(60), daemon.wait()).await??;
     anyhow::ensure!(status.success(), "the daemon exited with {status}");
+    clean_up(&connection, &names).await;
     close(connection).await;
     Ok(Run { jobs, elapsed, latencies, process: Some(figures) })
+}
+
+/// Deletes the run's queues, exchange and database, so that runs do not pile up quorum
+/// queues on the broker (which slows a single node down) or databases on the server.
+async fn clean_up(connection: &Connection, names: &Names) {
+    if let Ok(channel) = connection.create_channel().await {
+        for queue in [&names.request_queue, &names.dead_letter_queue] {
+            let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
+        }
+        let _ = channel.exchange_delete(names.events_exchange.as_str().into(), Default::default()).await;
+    }
+    if let Some((_, name)) = names.database_url.trim_end_matches("?sslmode=disable").rsplit_once('/')
+        && let Ok(admin) = sea_orm::Database::connect(helpers::admin_database_url().as_str()).await
+    {
+        let _ = admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+        let _ = admin.close().await;
+    }
 }
 
 /// Closes a connection, or gives up on it after a few seconds (the run is over either way).
@@ -477,6 +495,7 @@ async fn run_ceiling(scenario: Scenario, jobs: usize) -> anyhow::Result<Run> {
     let window = 2 * scenario.concurrency;
     let (elapsed, latencies) = drive(channel, events, &names.request_queue, jobs, window, || {}).await?;
     worker.abort();
+    clean_up(&connection, &names).await;
     for connection in [consume, publish, connection] {
         close(connection).await;
     }
