@@ -13,7 +13,7 @@
 //! is published as each event arrives), so the worker never starves and the queue stays
 //! short. Printed per run: jobs/s, p50 / p99 enqueue-to-event latency; for instructd also
 //! CPU-seconds per job (utime + stime of the daemon over the run), peak RSS (VmHWM) and RSS
-//! a quarter of the way through and at the end (growth). `--soak N` adds one long run.
+//! at each quarter of the run (growth). `--soak N` adds one long run.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -99,8 +99,8 @@ struct Run {
 struct ProcessFigures {
     cpu_seconds: f64,
     peak_rss_kib: u64,
-    rss_at_quarter_kib: u64,
-    rss_at_end_kib: u64,
+    /// RSS when a quarter, half, three quarters and all of the events were in.
+    rss_at_quarters_kib: [u64; 4],
 }
 
 impl Run {
@@ -159,11 +159,10 @@ fn report(label: &str, run: &Run) {
     );
     if let Some(p) = &run.process {
         line.push_str(&format!(
-            ", {:.2} CPU-ms/job, peak RSS {:.1} MB, RSS {:.1} → {:.1} MB",
+            ", {:.2} CPU-ms/job, peak RSS {:.1} MB, RSS by quarter {}",
             p.cpu_seconds * 1000.0 / run.jobs as f64,
             mib(p.peak_rss_kib),
-            mib(p.rss_at_quarter_kib),
-            mib(p.rss_at_end_kib)
+            p.rss_at_quarters_kib.map(|kib| format!("{:.1}", mib(kib))).join(" → ") + " MB"
         ));
     }
     println!("{line}");
@@ -265,8 +264,8 @@ async fn driver(names: &Names, scenario: Scenario) -> anyhow::Result<(Connection
     Ok((connection, channel, events))
 }
 
-/// Keeps `window` requests outstanding until `jobs` events came back; `at_quarter` runs once
-/// a quarter of the events are in. Latency is from publish to event, read from the
+/// Keeps `window` requests outstanding until `jobs` events came back; `at_quarter(q)` runs
+/// once q quarters of the events are in (1 to 4). Latency is from publish to event, read from the
 /// request's `metadata.sent_ns` that the event echoes.
 async fn drive(
     channel: Channel,
@@ -274,7 +273,7 @@ async fn drive(
     request_queue: &str,
     jobs: usize,
     window: usize,
-    mut at_quarter: impl FnMut(),
+    mut at_quarter: impl FnMut(usize),
 ) -> anyhow::Result<(Duration, Vec<Duration>)> {
     let origin = Instant::now();
     let permits = Arc::new(Semaphore::new(window.min(jobs)));
@@ -317,8 +316,8 @@ async fn drive(
         anyhow::ensure!(event["status"] == "succeeded", "a job failed: {event}");
         let sent = event["metadata"]["sent_ns"].as_u64().ok_or_else(|| anyhow::anyhow!("no sent_ns in {event}"))?;
         latencies.push(last.duration_since(origin).saturating_sub(Duration::from_nanos(sent)));
-        if latencies.len() == jobs / 4 {
-            at_quarter();
+        if let Some(quarter) = (1..=4).find(|q| latencies.len() == jobs * q / 4) {
+            at_quarter(quarter);
         }
         permits.add_permits(1);
     }
@@ -349,18 +348,15 @@ async fn run_instructd(scenario: Scenario, jobs: usize, llm: &FakeLlm) -> anyhow
     wait_ready(http).await?;
 
     let cpu_before = cpu_seconds(pid)?;
-    let mut rss_at_quarter = 0;
+    let mut rss_at_quarters = [0; 4];
     let window = 2 * scenario.concurrency;
-    let (elapsed, latencies) =
-        drive(channel, events, &names.request_queue, jobs, window, || rss_at_quarter = status_kib(pid, "VmRSS"))
-            .await?;
+    let (elapsed, latencies) = drive(channel, events, &names.request_queue, jobs, window, |quarter| {
+        rss_at_quarters[quarter - 1] = status_kib(pid, "VmRSS");
+    })
+    .await?;
     let cpu_seconds = cpu_seconds(pid)? - cpu_before;
-    let figures = ProcessFigures {
-        cpu_seconds,
-        peak_rss_kib: status_kib(pid, "VmHWM"),
-        rss_at_quarter_kib: rss_at_quarter,
-        rss_at_end_kib: status_kib(pid, "VmRSS"),
-    };
+    let figures =
+        ProcessFigures { cpu_seconds, peak_rss_kib: status_kib(pid, "VmHWM"), rss_at_quarters_kib: rss_at_quarters };
     let kill = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
     anyhow::ensure!(kill.success(), "could not signal the daemon");
     let status = tokio::time::timeout(Duration::from_secs(60), daemon.wait()).await??;
@@ -493,7 +489,7 @@ async fn run_ceiling(scenario: Scenario, jobs: usize) -> anyhow::Result<Run> {
         anyhow::Ok(())
     });
     let window = 2 * scenario.concurrency;
-    let (elapsed, latencies) = drive(channel, events, &names.request_queue, jobs, window, || {}).await?;
+    let (elapsed, latencies) = drive(channel, events, &names.request_queue, jobs, window, |_| {}).await?;
     worker.abort();
     clean_up(&connection, &names).await;
     for connection in [consume, publish, connection] {
