@@ -11,6 +11,8 @@ use sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, DbErr, QueryResult, RuntimeErr, Statement, TransactionTrait,
     Value as DbValue,
 };
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -196,21 +198,23 @@ impl Store {
             finished_at: Utc::now(),
         };
         let outbox = outbox_event(job, &event);
-        let row = json!({
-            "job_id": job.job_id,
-            "token": token,
-            "status": status.as_str(),
-            "attempts": trace.attempts,
-            "record_id": record.as_ref().map(|record| record.id()),
-            "error": error,
-            "usage": trace.usage,
-            "responses": trace.responses,
-            "event_id": event.event_id,
-            "routing_key": outbox.routing_key,
-            "correlation_id": job.correlation_id,
-            "reply_to": job.reply_to,
-            "payload": serde_json::to_value(&event).expect("events serialize"),
-        });
+        let row = FinishRow {
+            job_id: job.job_id,
+            token,
+            status: status.as_str(),
+            attempts: trace.attempts,
+            record_id: record.as_ref().map(|record| record.id()),
+            error: error.as_ref(),
+            usage: trace.usage,
+            responses: &trace.responses,
+            event_id: event.event_id,
+            routing_key: &outbox.routing_key,
+            correlation_id: job.correlation_id,
+            reply_to: job.reply_to,
+            // The bytes that will be published, not a second serialisation of the event.
+            payload: serde_json::from_slice(&outbox.payload).expect("an event serializes to JSON"),
+        };
+        let row = serde_json::to_string(&row).expect("an outcome serializes");
         Arc::new(Finish { event: outbox, row, record })
     }
 
@@ -330,6 +334,24 @@ pub fn outbox_event_from_row(row: &QueryResult) -> Result<OutboxEvent, DbErr> {
     })
 }
 
+/// [`Finish::row`]: one outcome as `try_finish_batch` reads it.
+#[derive(Serialize)]
+struct FinishRow<'a> {
+    job_id: Uuid,
+    token: Uuid,
+    status: &'a str,
+    attempts: u32,
+    record_id: Option<Uuid>,
+    error: Option<&'a JobError>,
+    usage: Usage,
+    responses: &'a [Value],
+    event_id: Uuid,
+    routing_key: &'a str,
+    correlation_id: &'a str,
+    reply_to: Option<&'a str>,
+    payload: &'a RawValue,
+}
+
 /// A claim waiting for its batch.
 pub struct ClaimRequest {
     job_id: Uuid,
@@ -343,8 +365,8 @@ pub struct Finish {
     /// What is announced once the outcome is committed.
     event: OutboxEvent,
     /// The job row's new values and the event's outbox row, as one JSON object of the
-    /// batch's `jsonb_to_recordset`.
-    row: Value,
+    /// batch's `jsonb_to_recordset`, serialized once when the outcome is ready.
+    row: String,
     record: Option<Arc<dyn Record>>,
 }
 
@@ -442,12 +464,17 @@ async fn finish_batch(db: &DatabaseConnection, batch: Vec<Arc<Finish>>) -> Vec<R
 
 /// Whether each outcome of `batch` was stored (`false`: its claim was lost).
 async fn try_finish_batch(db: &DatabaseConnection, batch: &[Arc<Finish>]) -> Result<Vec<bool>, DbErr> {
-    let rows = Value::Array(batch.iter().map(|finish| finish.row.clone()).collect());
+    let mut rows = String::with_capacity(batch.iter().map(|finish| finish.row.len() + 1).sum::<usize>() + 1);
+    for finish in batch {
+        rows.push(if rows.is_empty() { '[' } else { ',' });
+        rows.push_str(&finish.row);
+    }
+    rows.push(']');
     let txn = db.begin().await?;
     let stored = txn
         .query_all_raw(stmt(
             "WITH batch AS (
-                SELECT * FROM jsonb_to_recordset($2) AS b(
+                SELECT * FROM jsonb_to_recordset($2::jsonb) AS b(
                     job_id uuid, token uuid, status text, attempts int, record_id uuid, error jsonb, usage jsonb,
                     responses jsonb, event_id uuid, routing_key text, correlation_id text, reply_to text, payload jsonb)
                  LIMIT $1
