@@ -70,6 +70,22 @@ impl Marks<'_> {
 /// backed off (5 s doubling to 5 min) and stays pending; once the requester has its copy,
 /// later tries do not send it again.
 pub async fn deliver(marks: Marks<'_>, publisher: &Publisher, event: &OutboxEvent) -> Result<(), Undelivered> {
+    let sent = send(publisher, event).await?;
+    write_down(marks, event, sent).await
+}
+
+/// The broker's half of [`deliver`]: what became of an event's copies, not yet written
+/// down.
+pub struct Sent {
+    /// The requester's copy was confirmed.
+    replied: bool,
+    /// The copy to the events exchange.
+    event: Result<(), PublishError>,
+}
+
+/// Publishes the requester's copy (if any) and the event, as [`deliver`] does, without
+/// touching the database. Fails only if the requester's copy could not be sent.
+pub async fn send(publisher: &Publisher, event: &OutboxEvent) -> Result<Sent, PublishError> {
     let replied = match &event.reply_to {
         Some(reply_to) => {
             publisher.publish_reply(event, reply_to).await?;
@@ -77,7 +93,13 @@ pub async fn deliver(marks: Marks<'_>, publisher: &Publisher, event: &OutboxEven
         }
         None => false,
     };
-    match publisher.publish_event(event).await {
+    Ok(Sent { replied, event: publisher.publish_event(event).await })
+}
+
+/// The database's half of [`deliver`]: marks the event published, or backs it off.
+pub async fn write_down(marks: Marks<'_>, event: &OutboxEvent, sent: Sent) -> Result<(), Undelivered> {
+    let Sent { replied, event: published } = sent;
+    match published {
         Ok(()) => Ok(marks.published(event.event_id).await?),
         Err(error @ PublishError::Returned(_)) => {
             marks

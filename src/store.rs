@@ -72,8 +72,8 @@ pub struct Outcome<'a> {
 const WRITERS: usize = 1;
 
 /// How long the writer of "published" marks waits for more before writing. A mark holds
-/// up no job (it comes after the ack, outside the job's slot), so its batches can grow:
-/// fewer statements and commits for Postgres to make.
+/// up no job (it comes after the ack and the confirm, outside the job's slot and the bound
+/// on announcements), so its batches can grow: fewer statements and commits for Postgres.
 const MARK_LINGER: Duration = Duration::from_millis(10);
 
 #[derive(Clone)]
@@ -464,9 +464,12 @@ async fn finish_batch(db: &DatabaseConnection, batch: Vec<Arc<Finish>>) -> Vec<R
 
 /// Whether each outcome of `batch` was stored (`false`: its claim was lost).
 async fn try_finish_batch(db: &DatabaseConnection, batch: &[Arc<Finish>]) -> Result<Vec<bool>, DbErr> {
-    let mut rows = String::with_capacity(batch.iter().map(|finish| finish.row.len() + 1).sum::<usize>() + 1);
-    for finish in batch {
-        rows.push(if rows.is_empty() { '[' } else { ',' });
+    let mut rows = String::with_capacity(batch.iter().map(|finish| finish.row.len() + 1).sum::<usize>() + 2);
+    rows.push('[');
+    for (index, finish) in batch.iter().enumerate() {
+        if index > 0 {
+            rows.push(',');
+        }
         rows.push_str(&finish.row);
     }
     rows.push(']');

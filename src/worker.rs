@@ -43,9 +43,10 @@ pub struct Worker {
     pub announcing: Arc<Semaphore>,
 }
 
-/// A job's place among the `worker.concurrency` that run at once. Held from delivery until
-/// the request is acked or requeued; not while the event is announced, which needs neither
-/// the model nor the database's locks, only the broker.
+/// A job's place among the `worker.concurrency` that run at once. Taken before its delivery
+/// is, and held until the request is acked or requeued and, when there is an event to
+/// announce, until there is room among the announcements; not while the event is
+/// published, which needs neither the model nor the claim, only the broker.
 pub type Slot = OwnedSemaphorePermit;
 
 /// Why a job was left for redelivery instead of being finished.
@@ -82,7 +83,7 @@ impl Worker {
         match self.settle(job).await {
             Ok(event) => {
                 // The outcome is committed: only now may the request leave the queue.
-                acknowledge(&delivery).await;
+                acknowledge(delivery).await;
                 if let Some(event) = event {
                     self.announce(publisher, &event, slot).await;
                 }
@@ -146,7 +147,7 @@ impl Worker {
         };
         match settled {
             Ok(event) => {
-                acknowledge(&delivery).await;
+                acknowledge(delivery).await;
                 if let Some(event) = event {
                     metrics::dead_lettered(job.kind.name(), ErrorKind::Internal);
                     self.announce(publisher, &event, slot).await;
@@ -266,7 +267,7 @@ impl Worker {
         let event = self.with_db_retries(|| self.store.record_rejection(&record, &error)).await;
         // The dead-letter copy is confirmed: the request may leave the queue even if the
         // database could not record the failure (it is then only in the DLQ).
-        acknowledge(&delivery).await;
+        acknowledge(delivery).await;
         match event {
             Ok(event) => self.announce(publisher, &event, slot).await,
             Err(reason) => tracing::error!(%reason, "the failed job could not be recorded; no event is sent"),
@@ -277,9 +278,17 @@ impl Worker {
     /// the next delivery once there is room among the announcements. Whatever is not
     /// confirmed stays in the outbox for the relay.
     async fn announce(&self, publisher: &Publisher, event: &OutboxEvent, slot: Slot) {
-        let _announcing = self.announcing.acquire().await.expect("the semaphore is never closed");
-        drop(slot);
-        match relay::deliver(relay::Marks::Batched(&self.store), publisher, event).await {
+        let sent = {
+            let _announcing = self.announcing.acquire().await.expect("the semaphore is never closed");
+            drop(slot);
+            relay::send(publisher, event).await
+        };
+        // The "published" mark waits for its batch (up to `MARK_LINGER`) outside the bound.
+        let delivered = match sent {
+            Ok(sent) => relay::write_down(relay::Marks::Batched(&self.store), event, sent).await,
+            Err(error) => Err(error.into()),
+        };
+        match delivered {
             Ok(()) => tracing::debug!(routing_key = %event.routing_key, "event published"),
             Err(Undelivered::Publish(PublishError::Returned(_))) => tracing::warn!(
                 routing_key = %event.routing_key,
@@ -313,9 +322,11 @@ impl Worker {
     }
 }
 
-/// Acks a delivery. A failed ack (the channel died meanwhile) is not an error of the job:
-/// the request is redelivered, the claim finds the job finished, and it is announced again.
-async fn acknowledge(delivery: &Delivery) {
+/// Acks a delivery, and lets go of it (the request's body is no longer needed while the
+/// event is announced). A failed ack (the channel died meanwhile) is not an error of the
+/// job: the request is redelivered, the claim finds the job finished, and it is announced
+/// again.
+async fn acknowledge(delivery: Delivery) {
     match delivery.acker.ack(BasicAckOptions::default()).await {
         Ok(true) => {}
         Ok(false) => tracing::warn!("ack not sent (its channel is gone); the request will be redelivered"),
