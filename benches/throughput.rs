@@ -331,9 +331,15 @@ async fn drive(
 
 async fn run_instructd(scenario: Scenario, jobs: usize, llm: &FakeLlm) -> anyhow::Result<Run> {
     let names = fresh_names().await?;
-    let (connection, channel, events) = driver(&names, scenario).await?;
+    let run = instructd_under(&names, scenario, jobs, llm).await;
+    clean_up(&names).await;
+    run
+}
+
+async fn instructd_under(names: &Names, scenario: Scenario, jobs: usize, llm: &FakeLlm) -> anyhow::Result<Run> {
+    let (connection, channel, events) = driver(names, scenario).await?;
     let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let mut env = settings_for(&names, Some(llm.addr), scenario);
+    let mut env = settings_for(names, Some(llm.addr), scenario);
     env.insert("INSTRUCTD__HTTP__LISTEN".into(), http.to_string());
     let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_instructd"))
         .arg("run")
@@ -361,19 +367,22 @@ async fn run_instructd(scenario: Scenario, jobs: usize, llm: &FakeLlm) -> anyhow
     anyhow::ensure!(kill.success(), "could not signal the daemon");
     let status = tokio::time::timeout(Duration::from_secs(60), daemon.wait()).await??;
     anyhow::ensure!(status.success(), "the daemon exited with {status}");
-    clean_up(&connection, &names).await;
     close(connection).await;
     Ok(Run { jobs, elapsed, latencies, process: Some(figures) })
 }
 
 /// Deletes the run's queues, exchange and database, so that runs do not pile up quorum
 /// queues on the broker (which slows a single node down) or databases on the server.
-async fn clean_up(connection: &Connection, names: &Names) {
-    if let Ok(channel) = connection.create_channel().await {
-        for queue in [&names.request_queue, &names.dead_letter_queue] {
-            let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
+/// Runs whether the run succeeded or not.
+async fn clean_up(names: &Names) {
+    if let Ok(connection) = Connection::connect(&broker_url(), ConnectionProperties::default()).await {
+        if let Ok(channel) = connection.create_channel().await {
+            for queue in [&names.request_queue, &names.dead_letter_queue] {
+                let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
+            }
+            let _ = channel.exchange_delete(names.events_exchange.as_str().into(), Default::default()).await;
         }
-        let _ = channel.exchange_delete(names.events_exchange.as_str().into(), Default::default()).await;
+        close(connection).await;
     }
     if let Some((_, name)) = names.database_url.trim_end_matches("?sslmode=disable").rsplit_once('/')
         && let Ok(admin) = sea_orm::Database::connect(helpers::admin_database_url().as_str()).await
@@ -434,8 +443,14 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 
 async fn run_ceiling(scenario: Scenario, jobs: usize) -> anyhow::Result<Run> {
     let names = fresh_names().await?;
-    let (connection, channel, events) = driver(&names, scenario).await?;
-    let settings = instructd::config::Settings::load_from(None, settings_for(&names, None, scenario))?;
+    let run = ceiling_under(&names, scenario, jobs).await;
+    clean_up(&names).await;
+    run
+}
+
+async fn ceiling_under(names: &Names, scenario: Scenario, jobs: usize) -> anyhow::Result<Run> {
+    let (connection, channel, events) = driver(names, scenario).await?;
+    let settings = instructd::config::Settings::load_from(None, settings_for(names, None, scenario))?;
     // The daemon's own pool settings.
     let db = instructd::startup::connect_database(&settings).await?;
     db.execute_unprepared("CREATE TABLE ceiling (id uuid PRIMARY KEY, request jsonb NOT NULL)").await?;
@@ -491,7 +506,6 @@ async fn run_ceiling(scenario: Scenario, jobs: usize) -> anyhow::Result<Run> {
     let window = 2 * scenario.concurrency;
     let (elapsed, latencies) = drive(channel, events, &names.request_queue, jobs, window, |_| {}).await?;
     worker.abort();
-    clean_up(&connection, &names).await;
     for connection in [consume, publish, connection] {
         close(connection).await;
     }
