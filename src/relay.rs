@@ -42,15 +42,7 @@ pub enum Marks<'a> {
 impl Marks<'_> {
     async fn published(self, event_id: Uuid) -> Result<(), DbErr> {
         match self {
-            Marks::In(txn) => {
-                txn.execute_raw(stmt(
-                    "UPDATE event_outbox SET published_at = now(), last_error = NULL
-                      WHERE event_id = $1 AND published_at IS NULL",
-                    [event_id.into()],
-                ))
-                .await?;
-                Ok(())
-            }
+            Marks::In(txn) => crate::store::mark_published_in(txn, &[event_id]).await,
             Marks::Batched(store) => store.mark_published(event_id).await,
         }
     }

@@ -298,14 +298,14 @@ async fn insert_event(
     let outbox = outbox_event(job, event);
     txn.execute_raw(stmt(
         "INSERT INTO event_outbox (event_id, job_id, routing_key, correlation_id, reply_to, payload)
-         VALUES ($1, $2, $3, $4, $5, $6)",
+         VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
         [
             event.event_id.into(),
             event.job_id.into(),
             outbox.routing_key.as_str().into(),
             job.correlation_id.into(),
             outbox.reply_to.clone().into(),
-            serde_json::to_value(event).expect("events serialize").into(),
+            std::str::from_utf8(&outbox.payload).expect("serde_json writes UTF-8").into(),
         ],
     ))
     .await?;
@@ -514,17 +514,22 @@ async fn try_finish_batch(db: &DatabaseConnection, batch: &[Arc<Finish>]) -> Res
 
 /// Marks a batch of events published.
 async fn mark_published_batch(db: &DatabaseConnection, batch: Vec<Uuid>) -> Vec<Result<(), DbErr>> {
-    let marked = db
-        .execute_raw(stmt(
-            "UPDATE event_outbox SET published_at = coalesce(published_at, now()), last_error = NULL
-              WHERE event_id IN (SELECT jsonb_array_elements_text($2)::uuid LIMIT $1)",
-            [(batch.len() as i64).into(), json!(batch).into()],
-        ))
-        .await;
-    match marked {
+    match mark_published_in(db, &batch).await {
         Ok(_) => batch.iter().map(|_| Ok(())).collect(),
         Err(error) => batch.iter().map(|_| Err(error.clone())).collect(),
     }
+}
+
+/// Marks events published, in `db` (a transaction or the pool): the batched marks of
+/// [`Store::mark_published`], and the relay's own, in the transaction that holds the rows.
+pub async fn mark_published_in(db: &impl ConnectionTrait, event_ids: &[Uuid]) -> Result<(), DbErr> {
+    db.execute_raw(stmt(
+        "UPDATE event_outbox SET published_at = coalesce(published_at, now()), last_error = NULL
+          WHERE event_id IN (SELECT jsonb_array_elements_text($2)::uuid LIMIT $1)",
+        [(event_ids.len() as i64).into(), json!(event_ids).into()],
+    ))
+    .await?;
+    Ok(())
 }
 
 /// After a batch failed with `error`: when the fault may lie in one item's data (a
