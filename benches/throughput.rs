@@ -213,6 +213,7 @@ struct Names {
     request_queue: String,
     events_exchange: String,
     dead_letter_queue: String,
+    delay_queue: String,
 }
 
 async fn fresh_names() -> anyhow::Result<Names> {
@@ -224,6 +225,7 @@ async fn fresh_names() -> anyhow::Result<Names> {
         request_queue: format!("bench.{suffix}.requests"),
         events_exchange: format!("bench.{suffix}.events"),
         dead_letter_queue: format!("bench.{suffix}.dlq"),
+        delay_queue: format!("bench.{suffix}.delay"),
     })
 }
 
@@ -234,6 +236,7 @@ fn settings_for(names: &Names, llm: Option<SocketAddr>, scenario: Scenario) -> H
         ("INSTRUCTD__BROKER__REQUEST_QUEUE", names.request_queue.clone()),
         ("INSTRUCTD__BROKER__EVENTS_EXCHANGE", names.events_exchange.clone()),
         ("INSTRUCTD__BROKER__DEAD_LETTER_QUEUE", names.dead_letter_queue.clone()),
+        ("INSTRUCTD__BROKER__DELAY_QUEUE", names.delay_queue.clone()),
         ("INSTRUCTD__LLM__API_KEY", "sk-bench".to_owned()),
         ("INSTRUCTD__LLM__MODEL", "bench-model".to_owned()),
         ("INSTRUCTD__WORKER__CONCURRENCY", scenario.concurrency.to_string()),
@@ -377,7 +380,7 @@ async fn instructd_under(names: &Names, scenario: Scenario, jobs: usize, llm: &F
 async fn clean_up(names: &Names) {
     if let Ok(connection) = Connection::connect(&broker_url(), ConnectionProperties::default()).await {
         if let Ok(channel) = connection.create_channel().await {
-            for queue in [&names.request_queue, &names.dead_letter_queue] {
+            for queue in [&names.request_queue, &names.dead_letter_queue, &names.delay_queue] {
                 let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
             }
             let _ = channel.exchange_delete(names.events_exchange.as_str().into(), Default::default()).await;

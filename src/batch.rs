@@ -132,7 +132,9 @@ mod tests {
         assert_eq!(results, (0..500).map(|i| i * 2).collect::<Vec<_>>());
     }
 
-    #[tokio::test]
+    // Tokio's paused clock: time moves only when every task waits, so the order of events
+    // below does not depend on how loaded the machine is.
+    #[tokio::test(start_paused = true)]
     async fn items_that_queue_during_a_write_go_together_in_the_next() {
         let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
         let batcher = Batcher::spawn(1, {
@@ -185,7 +187,9 @@ mod tests {
         (batcher, sizes)
     }
 
-    #[tokio::test]
+    // Tokio's paused clock: time moves only when every task waits, so the order of events
+    // below does not depend on how loaded the machine is.
+    #[tokio::test(start_paused = true)]
     async fn a_lingering_writer_waits_for_more_before_writing() {
         let (batcher, sizes) = recording(Duration::from_secs(2));
         let first = tokio::spawn({
@@ -200,7 +204,9 @@ mod tests {
         assert_eq!(*sizes.lock().unwrap(), vec![11]);
     }
 
-    #[tokio::test]
+    // Tokio's paused clock: time moves only when every task waits, so the order of events
+    // below does not depend on how loaded the machine is.
+    #[tokio::test(start_paused = true)]
     async fn a_full_batch_is_written_without_lingering() {
         let (batcher, sizes) = recording(Duration::from_secs(3600));
         let all = tokio::time::timeout(

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use config::{Config, Environment, File, FileFormat};
@@ -30,6 +31,7 @@ pub struct Settings {
     pub http: HttpSettings,
     pub log: LogSettings,
     pub limits: LimitsSettings,
+    pub retention: RetentionSettings,
     /// Where each secret came from (printed by `instructd config`; never the value).
     #[serde(skip)]
     pub secret_sources: Vec<(&'static str, SecretSource)>,
@@ -75,6 +77,10 @@ pub struct BrokerSettings {
     pub request_queue: String,
     pub events_exchange: String,
     pub dead_letter_queue: String,
+    /// Where a delivery that cannot be worked on now waits (`defer_secs`) before it goes back
+    /// to the request queue.
+    pub delay_queue: String,
+    pub defer_secs: u64,
     pub delivery_limit: u32,
     pub connect_timeout_secs: u64,
     pub reconnect_max_delay_secs: u64,
@@ -125,11 +131,17 @@ pub struct LlmSettings {
     pub default_max_retries: u32,
     pub max_retries: u32,
     pub request_timeout_secs: u64,
-    pub transport_max_attempts: u32,
     pub transport_min_delay_ms: u64,
     pub transport_max_delay_secs: u64,
-    pub transport_max_elapsed_secs: u64,
     pub job_timeout_secs: u64,
+    /// Transport failures in a row that open the provider's circuit.
+    pub circuit_failures: u32,
+    /// How long the circuit stays open before its first probe; doubled after each failed
+    /// probe up to `circuit_max_open_secs`.
+    pub circuit_min_open_secs: u64,
+    pub circuit_max_open_secs: u64,
+    /// Largest response body read from the provider.
+    pub max_response_bytes: usize,
     pub max_tokens: u32,
     /// Tokens (prompt + completion, summed over every call) a job may spend; once spent,
     /// no more re-asks. 0: no budget.
@@ -162,6 +174,90 @@ pub struct LimitsSettings {
     pub max_content_bytes: usize,
     /// Largest `metadata`, in bytes of JSON.
     pub max_metadata_bytes: usize,
+    /// Most bytes of raw provider responses kept on a job's row; later ones are replaced by a
+    /// note of their size.
+    pub max_responses_bytes: usize,
+}
+
+/// How long finished work is kept. Pruned by the daemon in small batches, by one replica at
+/// a time. `0` keeps it forever.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// `generation_job` rows of succeeded jobs, after they finished. A job id whose row is gone
+    /// is no longer an idempotency key: a late duplicate of it runs again.
+    pub succeeded_jobs: Span,
+    /// `generation_job` rows of failed jobs.
+    pub failed_jobs: Span,
+    /// `event_outbox` rows, once published (or given up on).
+    pub published_events: Span,
+    /// How long an event no queue is bound for is retried before it is given up on (counted
+    /// in `instructd_events_abandoned_total`).
+    pub unroutable_events: Span,
+    /// How often the pruning pass runs.
+    pub prune_every: Span,
+}
+
+/// A length of time written as a number and a unit: `90s`, `15m`, `12h`, `30d`; `0` is none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span(pub Duration);
+
+impl Span {
+    /// `None` for `0` (keep forever / never).
+    pub fn get(self) -> Option<Duration> {
+        (!self.0.is_zero()).then_some(self.0)
+    }
+}
+
+impl std::str::FromStr for Span {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text == "0" {
+            return Ok(Span(Duration::ZERO));
+        }
+        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let number: u64 =
+            number.parse().map_err(|_| format!("`{text}` is not a duration such as 30d, 12h, 15m or 90s"))?;
+        let unit_secs = match unit {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            _ => return Err(format!("`{text}`: the unit must be s, m, h or d")),
+        };
+        number
+            .checked_mul(unit_secs)
+            .map(|secs| Span(Duration::from_secs(secs)))
+            .ok_or_else(|| format!("`{text}` is too long"))
+    }
+}
+
+impl std::fmt::Display for Span {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.0.as_secs();
+        match secs {
+            0 => f.write_str("0"),
+            s if s % 86_400 == 0 => write!(f, "{}d", s / 86_400),
+            s if s % 3600 == 0 => write!(f, "{}h", s / 3600),
+            s if s % 60 == 0 => write!(f, "{}m", s / 60),
+            s => write!(f, "{s}s"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Span {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -169,7 +265,15 @@ pub struct LimitsSettings {
 pub struct WorkerSettings {
     pub concurrency: u16,
     pub shutdown_grace_secs: u64,
-    pub job_lease_secs: u64,
+    /// How often the daemon writes its heartbeat (its row in `worker`).
+    pub heartbeat_secs: u64,
+    /// A claim whose worker has not written its heartbeat for this long (or whose session is
+    /// gone) is taken over by the next delivery of its job.
+    pub takeover_after_secs: u64,
+    /// The longest a delivery is held unacknowledged while the job waits (for the provider,
+    /// the database): past it the delivery is moved to the delay queue. Keep it well under
+    /// RabbitMQ's `consumer_timeout` (30 minutes by default).
+    pub max_hold_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -268,6 +372,7 @@ impl Settings {
             ("broker.request_queue", &self.broker.request_queue),
             ("broker.events_exchange", &self.broker.events_exchange),
             ("broker.dead_letter_queue", &self.broker.dead_letter_queue),
+            ("broker.delay_queue", &self.broker.delay_queue),
             ("llm.model", &self.llm.model),
         ] {
             ensure(!name.trim().is_empty(), key, "must not be empty")?;
@@ -278,7 +383,28 @@ impl Settings {
         ensure(self.database.max_connections >= 1, "database.max_connections", "must be at least 1")?;
         ensure(self.worker.concurrency >= 1, "worker.concurrency", "must be at least 1")?;
         ensure(self.llm.request_timeout_secs >= 1, "llm.request_timeout_secs", "must be at least 1")?;
-        ensure(self.llm.transport_max_attempts >= 1, "llm.transport_max_attempts", "must be at least 1")?;
+        ensure(self.broker.defer_secs >= 1, "broker.defer_secs", "must be at least 1")?;
+        ensure(self.llm.circuit_failures >= 1, "llm.circuit_failures", "must be at least 1")?;
+        ensure(self.llm.circuit_min_open_secs >= 1, "llm.circuit_min_open_secs", "must be at least 1")?;
+        ensure(
+            self.llm.circuit_max_open_secs >= self.llm.circuit_min_open_secs,
+            "llm.circuit_max_open_secs",
+            "must be at least llm.circuit_min_open_secs",
+        )?;
+        ensure(self.llm.max_response_bytes >= 1024, "llm.max_response_bytes", "must be at least 1024")?;
+        ensure(self.limits.max_responses_bytes >= 1024, "limits.max_responses_bytes", "must be at least 1024")?;
+        ensure(self.worker.heartbeat_secs >= 1, "worker.heartbeat_secs", "must be at least 1")?;
+        ensure(
+            self.worker.takeover_after_secs >= 2 * self.worker.heartbeat_secs,
+            "worker.takeover_after_secs",
+            "must be at least twice worker.heartbeat_secs",
+        )?;
+        ensure(
+            self.worker.max_hold_secs > self.llm.job_timeout_secs,
+            "worker.max_hold_secs",
+            "must be more than llm.job_timeout_secs",
+        )?;
+        ensure(self.retention.prune_every.get().is_some(), "retention.prune_every", "must not be 0")?;
         ensure(
             self.llm.default_max_retries <= self.llm.max_retries,
             "llm.default_max_retries",
@@ -313,7 +439,6 @@ impl Settings {
         }
         ensure(self.limits.max_messages >= 1, "limits.max_messages", "must be at least 1")?;
         ensure(self.limits.max_content_bytes >= 1, "limits.max_content_bytes", "must be at least 1")?;
-        ensure(self.worker.job_lease_secs >= 3, "worker.job_lease_secs", "must be at least 3")?;
         if let Some(temperature) = self.llm.temperature {
             ensure((0.0..=2.0).contains(&temperature), "llm.temperature", "must be between 0 and 2")?;
         }

@@ -11,10 +11,14 @@ use crate::config::Settings;
 use crate::contract::GenerationRequest;
 use crate::entities::{EntityKind, Registry};
 use crate::store::JobRecord;
+use crate::text;
 
 /// A request that passed every check.
 pub struct Job {
     pub id: Uuid,
+    /// The id was assigned here (the request had no `job_id` and no UUID `message_id`): a
+    /// copy of the message must carry it to be the same job.
+    pub assigned_id: bool,
     pub kind: Arc<dyn EntityKind>,
     pub request: GenerationRequest,
     /// The request as received, kept on the job row.
@@ -26,12 +30,15 @@ pub struct Job {
     pub correlation_id: String,
     pub reply_to: Option<String>,
     /// How many times the broker delivered this message before without it being settled
-    /// (the quorum queue's `x-delivery-count`): workers died or lost their connection.
+    /// (the quorum queue's `x-delivery-count`, read only on a redelivery: on a first delivery
+    /// the header is whatever the publisher wrote).
     pub previous_deliveries: u64,
 }
 
 /// A message that can never succeed, with what could still be read of it.
 pub struct Rejection {
+    /// Why, bounded ([`text::message`]): it travels in an AMQP header, an event, the job row
+    /// and the logs.
     pub reason: String,
     /// Read from the body or `message_id`, else assigned.
     pub job_id: Uuid,
@@ -73,16 +80,26 @@ impl Rejection {
     }
 }
 
-/// Decodes a request body and its AMQP properties into a [`Job`].
+/// Decodes a request body and its AMQP properties into a [`Job`]. `redelivered` is the
+/// delivery's flag: only a redelivery's `x-delivery-count` was written by the broker.
 pub fn decode(
     body: &[u8],
     properties: &BasicProperties,
+    redelivered: bool,
     registry: &Registry,
     settings: &Settings,
 ) -> Result<Job, Box<Rejection>> {
     let message_id = properties.message_id().as_ref().and_then(|id| Uuid::parse_str(id.as_str()).ok());
     let correlation = properties.correlation_id().as_ref().map(|c| c.as_str().to_owned());
     let reply_to = properties.reply_to().as_ref().map(|r| r.as_str().to_owned()).filter(|r| !r.is_empty());
+    // A property with a NUL cannot be stored (Postgres text refuses it): the request is
+    // rejected, and its failure recorded with the NUL replaced (and no reply_to to answer).
+    let nul_property = [("correlation_id", &correlation), ("reply_to", &reply_to)]
+        .into_iter()
+        .find(|(_, value)| value.as_deref().is_some_and(|v| v.contains('\0')))
+        .map(|(name, _)| name);
+    let correlation = correlation.map(|c| text::without_nul(&c).into_owned());
+    let reply_to = reply_to.filter(|r| !r.contains('\0'));
     let mut rejection = Rejection {
         reason: String::new(),
         job_id: message_id.unwrap_or_else(Uuid::new_v4),
@@ -95,7 +112,7 @@ pub fn decode(
     };
     let reject = |mut rejection: Rejection, reason: String| {
         rejection.correlation_id = correlation.clone().unwrap_or_else(|| rejection.job_id.to_string());
-        rejection.reason = reason;
+        rejection.reason = text::message(&reason);
         Err(Box::new(rejection))
     };
 
@@ -122,27 +139,41 @@ pub fn decode(
     if metadata_bytes <= settings.limits.max_metadata_bytes && !nul {
         rejection.metadata = raw.get("metadata").cloned().unwrap_or(Value::Null);
     }
-    if let Some(entity) = raw.get("entity").and_then(Value::as_str).filter(|entity| !entity.contains('\0')) {
-        rejection.entity = entity.to_owned();
+    if let Some(entity) = raw.get("entity").and_then(Value::as_str) {
+        // Echoed in the failed event and the job row: bounded and clean.
+        rejection.entity = text::quoted(entity).into_owned();
         rejection.routing_entity = registry.get(entity).map(|kind| kind.name());
     }
     match raw.get("job_id") {
         None | Some(Value::Null) => {}
         Some(Value::String(id)) if Uuid::parse_str(id).is_ok() => rejection.job_id = Uuid::parse_str(id).unwrap(),
-        Some(other) if !nul => return reject(rejection, format!("job_id: {other} is not a UUID")),
-        Some(_) => {}
+        Some(other) => {
+            let shown = text::quoted(&other.to_string()).into_owned();
+            return reject(rejection, format!("job_id: {shown} is not a UUID"));
+        }
     }
     if nul {
         let reason = "the request contains a NUL character (\\u0000), which Postgres cannot store".to_owned();
         return reject(rejection, reason);
     }
+    if let Some(property) = nul_property {
+        let reason = format!("the AMQP property {property} contains a NUL character, which Postgres cannot store");
+        return reject(rejection, reason);
+    }
     let request: GenerationRequest = match serde_path_to_error::deserialize(&raw) {
         Ok(request) => request,
-        Err(e) => return reject(rejection, format!("not a generation request: {} at {}", e.inner(), e.path())),
+        Err(e) => {
+            // serde quotes the offending value (an unknown role, say): keep the path readable.
+            let why = text::clip(&e.inner().to_string(), 1024).into_owned();
+            return reject(
+                rejection,
+                format!("not a generation request: {why} at {}", text::quoted(&e.path().to_string())),
+            );
+        }
     };
     let Some(kind) = registry.get(&request.entity).cloned() else {
         let known = registry.names().collect::<Vec<_>>().join(", ");
-        let reason = format!("unknown entity `{}` (known: {known})", clip(&request.entity));
+        let reason = format!("unknown entity `{}` (known: {known})", text::quoted(&request.entity));
         return reject(rejection, reason);
     };
     if request.messages.is_empty() {
@@ -153,7 +184,7 @@ pub fn decode(
             return reject(rejection, "model: must not be empty when given".to_owned());
         }
         if !settings.llm.allows_model(model) {
-            return reject(rejection, format!("model: `{}` is not one of llm.allowed_models", clip(model)));
+            return reject(rejection, format!("model: `{}` is not one of llm.allowed_models", text::quoted(model)));
         }
     }
     if let Err(reason) = within_limits(&request, metadata_bytes, settings) {
@@ -162,6 +193,7 @@ pub fn decode(
     let job_id = rejection.job_id;
     Ok(Job {
         id: job_id,
+        assigned_id: request.job_id.is_none() && message_id.is_none(),
         kind,
         model: request.model.clone().unwrap_or_else(|| settings.llm.model.clone()),
         // The request may ask for fewer re-asks than the cap, never more.
@@ -170,7 +202,7 @@ pub fn decode(
         metadata: request.metadata.clone().unwrap_or(Value::Null),
         correlation_id: correlation.unwrap_or_else(|| job_id.to_string()),
         reply_to,
-        previous_deliveries: delivery_count(properties),
+        previous_deliveries: if redelivered { delivery_count(properties) } else { 0 },
         raw,
         request,
     })
@@ -218,15 +250,6 @@ fn contains_nul(value: &Value) -> bool {
 /// The size of `value` as compact JSON, in bytes.
 fn json_size(value: &Value) -> usize {
     serde_json::to_vec(value).map_or(usize::MAX, |bytes| bytes.len())
-}
-
-/// A name from the request as it may be quoted in a reason (which travels in an AMQP header,
-/// an event and the job row): at most 100 characters.
-fn clip(name: &str) -> std::borrow::Cow<'_, str> {
-    match name.char_indices().nth(100) {
-        Some((end, _)) => format!("{}…", &name[..end]).into(),
-        None => name.into(),
-    }
 }
 
 /// The quorum queue's `x-delivery-count` header (absent on a first delivery).

@@ -167,10 +167,15 @@ where
     }
 
     fn hydrate(&self, answer: &str) -> Result<Arc<dyn Record>, String> {
-        let mut model: E::Model = parse_answer(answer)?;
-        model.hydrate();
-        model.validate()?;
-        Ok(Arc::new(Row::<E>(model)))
+        let check = || {
+            let mut model: E::Model = parse_answer(answer)?;
+            model.hydrate();
+            model.validate()?;
+            Ok(model)
+        };
+        // The error is shown to the model and quoted in the job's failure: bounded, whatever
+        // the answer quoted back.
+        check().map(|model| Arc::new(Row::<E>(model)) as Arc<dyn Record>).map_err(|e: String| crate::text::message(&e))
     }
 }
 
@@ -219,17 +224,21 @@ where
 /// problem (e.g. `secret_name: field required`), fit to send back to the model.
 ///
 /// Raw control characters inside strings (a newline typed into a name), which strict JSON
-/// forbids but grammar-constrained local models emit, are escaped first.
+/// forbids but grammar-constrained local models emit, are escaped first. A string holding the
+/// NUL character (`\u0000`), which Postgres cannot store, is a validation error like any
+/// other, so that the model is asked again rather than the insert failing.
 pub fn parse_answer<T: serde::de::DeserializeOwned>(answer: &str) -> Result<T, String> {
     let answer = escape_control_characters(answer);
-    let mut deserializer = serde_json::Deserializer::from_str(&answer);
-    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+    let value: Value = serde_json::from_str(&answer).map_err(|error| describe_json_error(".", &error))?;
+    if let Some(path) = crate::text::nul_path(&value) {
+        let field = if path.is_empty() { "the answer".to_owned() } else { path };
+        return Err(format!("{field}: must not contain the NUL character (\\u0000)"));
+    }
+    serde_path_to_error::deserialize(value).map_err(|error| {
         let path = error.path().to_string();
         let inner = error.into_inner();
         describe_json_error(&path, &inner)
-    })?;
-    deserializer.end().map_err(|e| format!("the answer has trailing characters after the JSON object ({e})"))?;
-    Ok(value)
+    })
 }
 
 /// `text` with every raw control character inside a JSON string escaped (`\n`, `\u0007`…).
@@ -308,6 +317,20 @@ mod tests {
         assert_eq!(model.secret_name, "a\"\tb");
         // Outside strings they are whitespace, as JSON allows.
         assert!(parse_answer::<hero::Model>("{\n\"name\": \"a\",\n\"secret_name\": \"b\"}").is_ok());
+    }
+
+    #[test]
+    fn a_nul_character_is_a_validation_error_naming_its_field() {
+        let error = parse_answer::<hero::Model>(r#"{"name": "Super\u0000man", "secret_name": "b"}"#).unwrap_err();
+        assert_eq!(error, r"name: must not contain the NUL character (\u0000)");
+        // An escaped backslash followed by `u0000` is text, not NUL.
+        assert!(parse_answer::<hero::Model>(r#"{"name": "a\\u0000", "secret_name": "b"}"#).is_ok());
+    }
+
+    #[test]
+    fn trailing_text_after_the_object_is_not_valid_json() {
+        let error = parse_answer::<hero::Model>(r#"{"name": "a", "secret_name": "b"} and more"#).unwrap_err();
+        assert!(error.starts_with("the answer is not valid JSON: trailing characters"), "{error}");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! - `/healthz` — liveness: 200 while the process can do its work; 503 once it has been
 //!   without a RabbitMQ session for longer than `broker.max_disconnected_secs`, so that an
 //!   orchestrator restarts a daemon whose reconnection keeps failing;
-//! - `/readyz` — readiness: 200 only with a broker session, a reachable database, and no
-//!   shutdown under way; 503 otherwise, with what failed;
+//! - `/readyz` — readiness: 200 only with a broker session, a database that takes writes
+//!   (the heartbeat's), a provider whose circuit is not open, and no shutdown under way; 503
+//!   otherwise, with what failed;
 //! - `/metrics` — Prometheus text format ([`crate::metrics`]).
 
 use std::net::SocketAddr;
@@ -15,48 +16,65 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use metrics_exporter_prometheus::PrometheusHandle;
-use sea_orm::DatabaseConnection;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics;
+use crate::llm::LlmClient;
+use crate::llm::circuit::CircuitState;
+use crate::metrics::Metrics;
+use crate::presence::{DbState, Presence};
 
 /// What the probes report on, shared by the broker supervisor (which updates it) and the
 /// HTTP handlers (which read it).
 pub struct Health {
     link: Mutex<Link>,
     max_disconnected: Duration,
-    db: DatabaseConnection,
+    /// The database, as the heartbeat found it.
+    presence: Presence,
+    /// The provider's circuit.
+    llm: LlmClient,
     /// Cancelled when the daemon stops taking jobs.
     draining: CancellationToken,
+    metrics: Metrics,
 }
 
 #[derive(Debug, Clone, Copy)]
 enum Link {
+    /// The daemon is not trying yet (it waits for the database first): not a broker
+    /// outage, so liveness holds.
+    NotStarted,
     Connected,
     /// Without a broker session since then (start-up counts as disconnected).
     Disconnected(Instant),
 }
 
 /// The readiness checks, as `/readyz` reports them.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Readiness {
     pub broker: bool,
-    pub database: bool,
+    pub database: DbState,
+    pub llm: CircuitState,
     pub draining: bool,
 }
 
 impl Readiness {
+    /// Ready to work: a broker session, a database that takes writes, a provider whose circuit
+    /// is not open, and no shutdown under way.
     pub fn ready(&self) -> bool {
-        self.broker && self.database && !self.draining
+        self.broker && self.database == DbState::Up && self.llm == CircuitState::Closed && !self.draining
     }
 }
 
 impl Health {
-    pub fn new(db: DatabaseConnection, max_disconnected: Duration, draining: CancellationToken) -> Self {
-        metrics::broker_connected(false);
-        Self { link: Mutex::new(Link::Disconnected(Instant::now())), max_disconnected, db, draining }
+    pub fn new(
+        presence: Presence,
+        llm: LlmClient,
+        max_disconnected: Duration,
+        draining: CancellationToken,
+        metrics: Metrics,
+    ) -> Self {
+        metrics.broker_connected(false);
+        Self { link: Mutex::new(Link::NotStarted), max_disconnected, presence, llm, draining, metrics }
     }
 
     /// Records whether a broker session is up (consuming and able to publish).
@@ -65,32 +83,34 @@ impl Health {
         *link = match (connected, *link) {
             (true, _) => Link::Connected,
             (false, Link::Disconnected(since)) => Link::Disconnected(since),
-            (false, Link::Connected) => Link::Disconnected(Instant::now()),
+            (false, Link::Connected | Link::NotStarted) => Link::Disconnected(Instant::now()),
         };
-        metrics::broker_connected(connected);
+        self.metrics.broker_connected(connected);
     }
 
     fn link(&self) -> Link {
         *self.link.lock().expect("the health lock is never poisoned")
     }
 
-    /// Alive unless cut off from the broker for too long.
+    /// Alive unless cut off from the broker for too long. (A database or provider outage
+    /// does not fail it: jobs wait for them, and a restart would not help.)
     pub fn alive(&self) -> bool {
         match self.link() {
-            Link::Connected => true,
+            Link::Connected | Link::NotStarted => true,
             Link::Disconnected(since) => since.elapsed() <= self.max_disconnected,
         }
     }
 
-    /// Runs the readiness checks (pings the database, for at most two seconds).
-    pub async fn readiness(&self) -> Readiness {
-        let database = matches!(tokio::time::timeout(Duration::from_secs(2), self.db.ping()).await, Ok(Ok(())));
+    /// The readiness checks, as last observed (the heartbeat writes to the database every
+    /// `worker.heartbeat_secs`).
+    pub fn readiness(&self) -> Readiness {
         let readiness = Readiness {
             broker: matches!(self.link(), Link::Connected),
-            database,
+            database: self.presence.state(),
+            llm: self.llm.circuit_state(),
             draining: self.draining.is_cancelled(),
         };
-        metrics::ready(readiness.ready());
+        self.metrics.ready(readiness.ready());
         readiness
     }
 }
@@ -98,7 +118,7 @@ impl Health {
 #[derive(Clone)]
 struct AppState {
     health: Arc<Health>,
-    metrics: PrometheusHandle,
+    metrics: Metrics,
 }
 
 /// Binds `http.listen` (at start-up, so that a port in use stops the daemon with a clear error).
@@ -107,7 +127,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves the endpoint until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: PrometheusHandle, stop: CancellationToken) {
+pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Metrics, stop: CancellationToken) {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -128,12 +148,13 @@ async fn healthz(State(state): State<AppState>) -> Response {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    let checks = state.health.readiness().await;
+    let checks = state.health.readiness();
     let status = if checks.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = serde_json::json!({
         "ready": checks.ready(),
         "broker": if checks.broker { "up" } else { "down" },
-        "database": if checks.database { "up" } else { "down" },
+        "database": checks.database.describe(),
+        "llm": checks.llm.as_str(),
         "draining": checks.draining,
     });
     (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
@@ -141,7 +162,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn render_metrics(State(state): State<AppState>) -> Response {
     // Keeps `instructd_ready` current for scrapes even where nothing probes /readyz.
-    state.health.readiness().await;
+    state.health.readiness();
     let body = state.metrics.render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }

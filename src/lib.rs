@@ -48,11 +48,14 @@ pub mod entities;
 pub mod http;
 pub mod llm;
 pub mod metrics;
+pub mod presence;
 pub mod relay;
+pub mod retention;
 pub mod shutdown;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod text;
 pub mod worker;
 
 /// Installs ring as the process's TLS crypto provider (reqwest and lapin both use rustls;

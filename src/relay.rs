@@ -7,13 +7,12 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Statement, TransactionTrait, Value as DbValue};
+use sea_orm::{DatabaseTransaction, DbErr, TransactionTrait};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::broker::{PublishError, Publisher};
-use crate::store::OutboxEvent;
-use crate::store::{Store, outbox_event_from_row};
+use crate::store::{OutboxEvent, Store, outbox};
 
 /// Events younger than this are left to the worker that wrote them (it publishes right
 /// after its commit), so the normal case sends each event once.
@@ -42,17 +41,23 @@ pub enum Marks<'a> {
 impl Marks<'_> {
     async fn published(self, event_id: Uuid) -> Result<(), DbErr> {
         match self {
-            Marks::In(txn) => crate::store::mark_published_in(txn, &[event_id]).await,
+            Marks::In(txn) => outbox::mark_published_in(txn, &[event_id]).await,
             Marks::Batched(store) => store.mark_published(event_id).await,
         }
     }
 
-    async fn execute(self, statement: Statement) -> Result<(), DbErr> {
+    async fn unroutable(self, event_id: Uuid, why: &str, replied: bool) -> Result<(), DbErr> {
         match self {
-            Marks::In(txn) => txn.execute_raw(statement).await?,
-            Marks::Batched(store) => store.db().execute_raw(statement).await?,
-        };
-        Ok(())
+            Marks::In(txn) => outbox::back_off_unroutable(txn, event_id, why, replied).await,
+            Marks::Batched(store) => outbox::back_off_unroutable(store.db(), event_id, why, replied).await,
+        }
+    }
+
+    async fn replied(self, event_id: Uuid) -> Result<(), DbErr> {
+        match self {
+            Marks::In(txn) => outbox::forget_reply_to(txn, event_id).await,
+            Marks::Batched(store) => outbox::forget_reply_to(store.db(), event_id).await,
+        }
     }
 }
 
@@ -75,6 +80,13 @@ pub struct Sent {
     event: Result<(), PublishError>,
 }
 
+impl Sent {
+    /// What became of the copy to the events exchange.
+    pub fn into_event(self) -> Result<(), PublishError> {
+        self.event
+    }
+}
+
 /// Publishes the requester's copy (if any) and the event, as [`deliver`] does, without
 /// touching the database. Fails only if the requester's copy could not be sent.
 pub async fn send(publisher: &Publisher, event: &OutboxEvent) -> Result<Sent, PublishError> {
@@ -94,27 +106,12 @@ pub async fn write_down(marks: Marks<'_>, event: &OutboxEvent, sent: Sent) -> Re
     match published {
         Ok(()) => Ok(marks.published(event.event_id).await?),
         Err(error @ PublishError::Returned(_)) => {
-            marks
-                .execute(stmt(
-                    "UPDATE event_outbox
-                        SET attempts = attempts + 1,
-                            next_attempt_at = now() + make_interval(secs => least(300, 5 * power(2, least(attempts, 10)))),
-                            last_error = $2,
-                            reply_to = CASE WHEN $3 THEN NULL ELSE reply_to END
-                      WHERE event_id = $1",
-                    [event.event_id.into(), error.to_string().into(), replied.into()],
-                ))
-                .await?;
+            marks.unroutable(event.event_id, &error.to_string(), replied).await?;
             Err(error.into())
         }
         Err(error) => {
             if replied {
-                marks
-                    .execute(stmt(
-                        "UPDATE event_outbox SET reply_to = NULL WHERE event_id = $1",
-                        [event.event_id.into()],
-                    ))
-                    .await?;
+                marks.replied(event.event_id).await?;
             }
             Err(error.into())
         }
@@ -141,19 +138,9 @@ pub async fn relay_pending(store: &Store, publisher: &Publisher, min_age: Durati
     let mut unroutable = BTreeSet::new();
     loop {
         let txn = store.db().begin().await?;
-        let rows = txn
-            .query_all_raw(stmt(
-                "SELECT event_id, routing_key, correlation_id, reply_to, payload FROM event_outbox
-                  WHERE published_at IS NULL AND created_at <= now() - make_interval(secs => $1)
-                    AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-                  ORDER BY created_at LIMIT $2
-                  FOR UPDATE SKIP LOCKED",
-                [min_age.as_secs_f64().into(), BATCH.into()],
-            ))
-            .await?;
-        let batch = rows.len();
-        for row in &rows {
-            let event = outbox_event_from_row(row)?;
+        let events = outbox::lock_pending(&txn, min_age, BATCH).await?;
+        let batch = events.len();
+        for event in events {
             match deliver(Marks::In(&txn), publisher, &event).await {
                 Ok(()) => published += 1,
                 Err(Undelivered::Publish(PublishError::Returned(_))) => {
@@ -179,7 +166,7 @@ pub async fn relay_pending(store: &Store, publisher: &Publisher, min_age: Durati
         tracing::warn!(
             routing_keys = ?unroutable,
             "events could not be routed: no queue is bound to the events exchange for them; \
-             they stay pending and are retried with backoff"
+             they stay pending and are retried with backoff (until retention.unroutable_events)"
         );
     }
     Ok(published)
@@ -187,14 +174,5 @@ pub async fn relay_pending(store: &Store, publisher: &Publisher, min_age: Durati
 
 /// Events committed but not yet confirmed.
 pub async fn count_pending(store: &Store) -> Result<u64, DbErr> {
-    let row = store
-        .db()
-        .query_one_raw(stmt("SELECT count(*) AS pending FROM event_outbox WHERE published_at IS NULL", []))
-        .await?;
-    let pending: i64 = row.map(|row| row.try_get("", "pending")).transpose()?.unwrap_or(0);
-    Ok(pending.max(0) as u64)
-}
-
-fn stmt(sql: &str, values: impl IntoIterator<Item = DbValue>) -> Statement {
-    Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
+    outbox::count_pending(store.db()).await
 }

@@ -1,7 +1,12 @@
-//! Wiring: [`Application::build`] does everything fallible at start-up (settings are given,
-//! so tests can change them); [`Application::run_until_stopped`] owns the tasks: a
-//! supervisor that (re)connects to RabbitMQ, the consumer loop, the outbox relay, the HTTP
-//! endpoint, and the drain on shutdown.
+//! Wiring: [`Application::build`] does everything fallible that needs no other service
+//! (settings are given, so tests can change them); [`Application::run_until_stopped`] owns
+//! the tasks: the HTTP endpoint, the database wait and migrations, the presence heartbeat, a
+//! supervisor that (re)connects to RabbitMQ, the consumer loop, the outbox relay, pruning,
+//! and the drain on shutdown.
+//!
+//! Nothing outside can stop the daemon from starting: a database or broker that is down,
+//! refusing, or not migrated yet makes it wait (and say so on `/readyz` and in the logs),
+//! not exit into a crash loop.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,41 +14,46 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicCancelOptions;
-use metrics_exporter_prometheus::PrometheusHandle;
 use migration::MigratorTrait;
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement, TransactionTrait};
 use secrecy::ExposeSecret;
+use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broker::publisher::Destinations;
 use crate::broker::{Publisher, connection, consumer, topology};
 use crate::config::{Settings, redacted_url};
 use crate::entities::Registry;
 use crate::http::Health;
 use crate::llm::LlmClient;
 use crate::llm::modes::Strategies;
-use crate::store::Store;
+use crate::metrics::Metrics;
+use crate::presence::{DbState, Presence};
+use crate::store::{Store, StoreSettings};
 use crate::worker::Worker;
-use crate::{http, metrics, relay};
+use crate::{http, relay, retention, text};
 
 pub struct Application {
     worker: Arc<Worker>,
     health: Arc<Health>,
+    presence: Presence,
     listener: TcpListener,
     http_addr: SocketAddr,
-    metrics: PrometheusHandle,
+    metrics: Metrics,
 }
 
-/// Connects to Postgres (without logging SQL, which could carry request contents).
+/// Connects to Postgres (without logging SQL, which could carry request contents); fails if
+/// it cannot now.
 pub async fn connect_database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
-    connect_pool(settings, settings.database.max_connections).await
+    connect_pool(settings, settings.database.max_connections, false).await
 }
 
-async fn connect_pool(settings: &Settings, max_connections: u32) -> anyhow::Result<DatabaseConnection> {
+async fn connect_pool(settings: &Settings, max_connections: u32, lazy: bool) -> anyhow::Result<DatabaseConnection> {
     let mut options = ConnectOptions::new(settings.database.url.expose_secret().to_owned());
     options
         .max_connections(max_connections)
@@ -53,20 +63,35 @@ async fn connect_pool(settings: &Settings, max_connections: u32) -> anyhow::Resu
         // sat idle long enough for a server, proxy or firewall to have dropped it needs it.
         // (A connection that broke anyway fails its statement, which is retried.)
         .test_before_acquire_if_idle_for(Duration::from_secs(30))
-        .sqlx_logging(false);
+        .sqlx_logging(false)
+        .connect_lazy(lazy);
     let ca_file = settings.database.ca_file.clone();
-    options.map_sqlx_postgres_opts(move |pg| {
-        // Plan each statement for its parameters, against the tables as they are now. A
-        // plan cached while a table was small would scan it (or an index full of dead
-        // entries) long after it has grown; the few statements instructd runs are cheap
-        // to plan.
-        let pg = pg.options([("plan_cache_mode", "force_custom_plan")]);
-        // Added to the system's roots, for sslmode=verify-ca / verify-full.
-        if ca_file.is_empty() { pg } else { pg.ssl_root_cert(&ca_file) }
-    });
+    options.map_sqlx_postgres_opts(move |pg| tune(pg, &ca_file));
     Database::connect(options)
         .await
         .with_context(|| format!("cannot connect to Postgres at {}", redacted_url(&settings.database.url)))
+}
+
+/// What every instructd session sets on its connection options.
+fn tune(pg: PgConnectOptions, ca_file: &str) -> PgConnectOptions {
+    use sqlx::ConnectOptions as _;
+    // Plan each statement for its parameters, against the tables as they are now. A plan
+    // cached while a table was small would scan it (or an index full of dead entries) long
+    // after it has grown; the few statements instructd runs are cheap to plan.
+    let pg = pg.options([("plan_cache_mode", "force_custom_plan")]).disable_statement_logging();
+    // Added to the system's roots, for sslmode=verify-ca / verify-full.
+    if ca_file.is_empty() { pg } else { pg.ssl_root_cert(ca_file) }
+}
+
+/// The options of the presence session (a connection of its own, outside the pool).
+fn presence_options(settings: &Settings) -> anyhow::Result<PgConnectOptions> {
+    let pg: PgConnectOptions = settings
+        .database
+        .url
+        .expose_secret()
+        .parse()
+        .with_context(|| format!("database.url: not a Postgres URL ({})", redacted_url(&settings.database.url)))?;
+    Ok(tune(pg, &settings.database.ca_file).application_name("instructd-presence"))
 }
 
 /// The advisory lock that serialises migrations ("instrucd" in ASCII).
@@ -76,7 +101,7 @@ const MIGRATION_LOCK: i64 = 0x696e_7374_7275_6364;
 /// migration Job) take turns under a Postgres advisory lock, held by a session of its own:
 /// without it they race to create the same tables and all but one fail.
 pub async fn migrate(settings: &Settings, db: &DatabaseConnection) -> anyhow::Result<()> {
-    let lock = connect_pool(settings, 1).await?;
+    let lock = connect_pool(settings, 1, false).await?;
     // A transaction pins its connection (the pool cannot recycle it mid-migration), and a
     // transaction-level lock ends with it, even if this process dies.
     let holder = lock.begin().await?;
@@ -95,37 +120,32 @@ pub async fn migrate(settings: &Settings, db: &DatabaseConnection) -> anyhow::Re
 }
 
 impl Application {
-    /// Binds the HTTP endpoint, connects to the database, migrates it if configured, and
-    /// builds the LLM client.
+    /// Binds the HTTP endpoint and builds everything that needs no other service: a lazy
+    /// database pool (it connects when first used), the LLM client, the store. Fails only on
+    /// what waiting cannot fix (a port in use, a schema strict mode cannot express).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let listener = http::bind(settings.http.listen).await?;
         let http_addr = listener.local_addr()?;
-        let db = connect_database(&settings).await?;
-        if settings.database.migrate_on_start {
-            migrate(&settings, &db).await?;
-        }
+        let db = connect_pool(&settings, settings.database.max_connections, true).await?;
         let registry = Registry::builtin();
         let strategies =
             Strategies::new(&registry, settings.llm.strict).map_err(|why| anyhow::anyhow!("llm.strict: {why}"))?;
-        let metrics = metrics::install(registry.names());
-        let llm = LlmClient::new(&settings.llm, settings.llm_max_concurrency())?;
-        let stop = CancellationToken::new();
+        let metrics = Metrics::new(registry.names());
+        let llm = LlmClient::new(&settings.llm, settings.llm_max_concurrency(), metrics.clone())?;
+        let presence = Presence::new(metrics.clone());
+        let store = Store::new(
+            db,
+            StoreSettings {
+                worker_id: presence.worker_id(),
+                takeover_after: Duration::from_secs(settings.worker.takeover_after_secs),
+                max_responses_bytes: settings.limits.max_responses_bytes,
+            },
+        );
         let max_disconnected = Duration::from_secs(settings.broker.max_disconnected_secs);
-        let health = Arc::new(Health::new(db.clone(), max_disconnected, stop.clone()));
-        // Twice the slots: an announcement is short (a confirm and a batched mark), but must not
-        // become what jobs wait for.
-        let announcing = Arc::new(Semaphore::new(2 * usize::from(settings.worker.concurrency)));
-        let worker = Worker {
-            settings: Arc::new(settings),
-            registry,
-            store: Store::new(db),
-            llm,
-            strategies,
-            stop,
-            abort: CancellationToken::new(),
-            announcing,
-        };
-        Ok(Self { worker: Arc::new(worker), health, listener, http_addr, metrics })
+        let worker = Worker::new(Arc::new(settings), registry, store, llm.clone(), strategies, metrics.clone());
+        let health =
+            Arc::new(Health::new(presence.clone(), llm, max_disconnected, worker.stop.clone(), metrics.clone()));
+        Ok(Self { worker: Arc::new(worker), health, presence, listener, http_addr, metrics })
     }
 
     /// Where `/healthz`, `/readyz` and `/metrics` are served (`http.listen`, with the port
@@ -134,64 +154,130 @@ impl Application {
         self.http_addr
     }
 
-    /// Consumes requests until `shutdown` resolves, then stops taking jobs, lets in-flight
-    /// ones finish within `worker.shutdown_grace_secs`, flushes the outbox and returns.
-    /// Broker outages do not end it: it reconnects with backoff.
+    /// This daemon's worker id (its row in the `worker` table).
+    pub fn worker_id(&self) -> i64 {
+        self.presence.worker_id()
+    }
+
+    /// Waits for the database (migrating it if configured), then consumes requests until
+    /// `shutdown` resolves; then stops taking jobs, lets in-flight ones finish within
+    /// `worker.shutdown_grace_secs`, flushes the outbox and returns, a few seconds after the
+    /// grace period at the latest. Outages do not end it: it waits and reconnects.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Self { worker, health, listener, http_addr, metrics } = self;
+        let Self { worker, health, presence, listener, http_addr, metrics } = self;
         let stop = worker.stop.clone();
-        // The endpoint outlives the drain, so that /readyz says "draining" meanwhile.
+        // The endpoint and the heartbeat outlive the drain: /readyz says "draining"
+        // meanwhile, and the jobs still finishing keep their claims.
         let http_stop = CancellationToken::new();
-        tracing::info!(%http_addr, "serving /healthz, /readyz and /metrics");
+        let presence_stop = CancellationToken::new();
+        tracing::info!(%http_addr, worker_id = presence.worker_id(), "serving /healthz, /readyz and /metrics");
         let http = tokio::spawn(http::serve(listener, health.clone(), metrics.clone(), http_stop.clone()));
+        tokio::spawn(upkeep(worker.store.clone(), metrics, http_stop.clone()));
         tokio::spawn({
-            // Folds recorded histogram samples into buckets even when nobody scrapes, and
-            // keeps the outbox backlog current, broker session or not.
-            let http_stop = http_stop.clone();
-            let store = worker.store.clone();
-            async move {
-                let mut upkeep = tokio::time::interval(Duration::from_secs(5));
-                while tokio::select! { _ = upkeep.tick() => true, _ = http_stop.cancelled() => false } {
-                    metrics.run_upkeep();
-                    match relay::count_pending(&store).await {
-                        Ok(pending) => crate::metrics::outbox_pending(pending),
-                        Err(error) => tracing::debug!(%error, "counting pending events failed"),
-                    }
-                }
-            }
-        });
-        tokio::spawn({
-            let stop = stop.clone();
+            let (stop, abort) = (stop.clone(), worker.abort.clone());
+            let grace = Duration::from_secs(worker.settings.worker.shutdown_grace_secs);
             async move {
                 shutdown.await;
                 stop.cancel();
+                // One deadline for the whole drain, however many parts of it wait.
+                tokio::time::sleep(grace).await;
+                abort.cancel();
             }
         });
-        let tracker = TaskTracker::new();
-        let slots = Arc::new(Semaphore::new(worker.settings.worker.concurrency as usize));
-        let max_delay = Duration::from_secs(worker.settings.broker.reconnect_max_delay_secs);
-        let mut delay = Duration::from_millis(500);
-        while !stop.is_cancelled() {
-            let session = run_session(&worker, &health, &tracker, &slots).await;
-            health.set_broker_connected(false);
-            match session {
-                Ok(()) => delay = Duration::from_millis(500),
-                Err(error) => {
-                    tracing::error!(error = format!("{error:#}"), retry_in = ?delay, "broker session ended; reconnecting");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.cancelled() => {}
-                    }
-                    delay = (delay * 2).min(max_delay);
-                }
+
+        let mut background = Vec::new();
+        if wait_for_database(&worker, &presence).await {
+            let options = presence_options(&worker.settings)?;
+            let every = Duration::from_secs(worker.settings.worker.heartbeat_secs);
+            background.push(tokio::spawn(presence.clone().run(options, every, presence_stop.clone())));
+            // Claims name this worker: none is taken before its heartbeat is written.
+            if presence.wait_until_up(&stop).await {
+                background.push(tokio::spawn(retention::run(
+                    worker.store.clone(),
+                    worker.settings.retention.clone(),
+                    worker.metrics.clone(),
+                    stop.clone(),
+                )));
+                supervise(&worker, &health).await;
             }
         }
-        drain(&worker, &tracker).await;
+        presence_stop.cancel();
+        for task in background {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
         http_stop.cancel();
         let _ = http.await;
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Folds recorded histogram samples into buckets even when nobody scrapes, and keeps the
+/// outbox backlog current, broker session or not.
+async fn upkeep(store: Store, metrics: Metrics, stop: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(5));
+    while tokio::select! { _ = every.tick() => true, _ = stop.cancelled() => false } {
+        metrics.run_upkeep();
+        match relay::count_pending(&store).await {
+            Ok(pending) => metrics.outbox_pending(pending),
+            Err(error) => tracing::debug!(%error, "counting pending events failed"),
+        }
+    }
+}
+
+/// Waits until the database can be used: reachable and, with `database.migrate_on_start`,
+/// migrated. Every failure is reported (`/readyz`, the logs) and retried with backoff, up to
+/// 30 s apart. `false` if the daemon was stopped first.
+async fn wait_for_database(worker: &Worker, presence: &Presence) -> bool {
+    if !worker.settings.database.migrate_on_start {
+        return true;
+    }
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let migrated = tokio::select! {
+            migrated = migrate(&worker.settings, worker.store.db()) => migrated,
+            _ = worker.stop.cancelled() => return false,
+        };
+        match migrated {
+            Ok(()) => return true,
+            Err(error) => {
+                // The error names the URL with its password redacted, and the cause.
+                presence.report(DbState::Down(text::message(&format!("{error:#}"))));
+                tracing::warn!(retry_in = ?delay, "waiting for the database before starting");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = worker.stop.cancelled() => return false,
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// (Re)connects to RabbitMQ with backoff until the daemon is stopped, then drains.
+async fn supervise(worker: &Arc<Worker>, health: &Health) {
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(worker.settings.worker.concurrency as usize));
+    let max_delay = Duration::from_secs(worker.settings.broker.reconnect_max_delay_secs);
+    let mut delay = Duration::from_millis(500);
+    while !worker.stop.is_cancelled() {
+        let session = run_session(worker, health, &tracker, &slots).await;
+        health.set_broker_connected(false);
+        match session {
+            Ok(()) => delay = Duration::from_millis(500),
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), retry_in = ?delay, "broker session ended; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = worker.stop.cancelled() => {}
+                }
+                delay = (delay * 2).min(max_delay);
+            }
+        }
+    }
+    // Jobs of a session that ended without a broker (the drain in `run_session` took the
+    // others): the same deadline.
+    drain(worker, &tracker).await;
 }
 
 /// One connection's worth of work: declare, consume, relay — until the connection fails
@@ -211,13 +297,12 @@ async fn run_session(
         .context("declaring the topology failed")?;
     // Enough channels that jobs rarely wait for one to announce their event.
     let channels = usize::from(settings.worker.concurrency).clamp(1, 16);
-    let publisher = Publisher::open(
-        &publish_connection,
-        channels,
-        &settings.broker.events_exchange,
-        &settings.broker.dead_letter_queue,
-    )
-    .await?;
+    let destinations = Destinations {
+        events_exchange: &settings.broker.events_exchange,
+        dead_letter_queue: &settings.broker.dead_letter_queue,
+        delay_queue: &settings.broker.delay_queue,
+    };
+    let publisher = Publisher::open(&publish_connection, channels, destinations, worker.metrics.clone()).await?;
     let (channel, mut consumer) = consumer::consume_requests(&consume_connection, settings).await?;
     tracing::info!(
         queue = %settings.broker.request_queue,
@@ -252,7 +337,15 @@ async fn run_session(
                 let worker = worker.clone();
                 let publisher = publisher.clone();
                 tracker.spawn(async move {
-                    worker.run_job(delivery, &publisher, permit).await;
+                    // A panic is caught here, so that it cannot strand the delivery (unacked,
+                    // holding a prefetch slot until the broker's consumer timeout): it goes
+                    // back to the queue, counting towards the delivery limit.
+                    let acker = delivery.acker.clone();
+                    if let Err(panic) = catch_panic(worker.run_job(delivery, &publisher, permit)).await {
+                        worker.metrics.job_panicked();
+                        tracing::error!(%panic, "a job panicked; its delivery goes back to the queue");
+                        crate::worker::requeue_with(&acker).await;
+                    }
                 });
             }
             Some(Err(error)) => return Err(error).context("the request consumer failed"),
@@ -262,34 +355,72 @@ async fn run_session(
 
     // Shutdown: no new deliveries; what was prefetched but not started is returned when
     // the channel closes.
-    if let Err(error) = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await {
+    let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+    if let Ok(Err(error)) = tokio::time::timeout(Duration::from_secs(1), cancel).await {
         tracing::warn!(%error, "cancelling the consumer failed");
     }
     drain(worker, tracker).await;
     session.cancel();
+    // A relay pass may be waiting on a blocked broker: it is not waited for.
+    relay.abort();
     let _ = relay.await;
-    match relay::relay_pending(&worker.store, &publisher, Duration::ZERO).await {
-        Ok(_) => {}
-        Err(error) => tracing::warn!(%error, "flushing the outbox failed; events stay pending for the next start"),
+    // What the jobs could not announce, once more, briefly (the relay sends the rest later).
+    let flush = if worker.abort.is_cancelled() { Duration::from_secs(1) } else { Duration::from_secs(2) };
+    match tokio::time::timeout(flush, relay::relay_pending(&worker.store, &publisher, Duration::ZERO)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "flushing the outbox failed; events stay pending for the next start"),
+        Err(_) => tracing::warn!("the outbox could not be flushed in time; events stay pending for the next start"),
     }
-    let _ = channel.close(200, "shutting down".into()).await;
-    let _ = consume_connection.close(200, "shutting down".into()).await;
-    let _ = publish_connection.close(200, "shutting down".into()).await;
+    let close = Duration::from_millis(500);
+    let _ = futures_util::future::join3(
+        tokio::time::timeout(close, channel.close(200, "shutting down".into())),
+        tokio::time::timeout(close, consume_connection.close(200, "shutting down".into())),
+        tokio::time::timeout(close, publish_connection.close(200, "shutting down".into())),
+    )
+    .await;
     Ok(())
 }
 
-/// Waits for in-flight jobs for at most the grace period; the rest are abandoned and their
-/// requests redelivered.
+/// Waits for in-flight jobs until they are done or the grace period is over (`abort`, set
+/// once for the whole shutdown); then gives the interrupted ones a moment to hand their
+/// deliveries back.
 async fn drain(worker: &Worker, tracker: &TaskTracker) {
     tracker.close();
     if tracker.is_empty() {
         return;
     }
-    let grace = Duration::from_secs(worker.settings.worker.shutdown_grace_secs);
-    tracing::info!(in_flight = tracker.len(), ?grace, "waiting for in-flight jobs");
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(left = tracker.len(), "grace period over; leaving unfinished jobs to redelivery");
-        worker.abort.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    tracing::info!(in_flight = tracker.len(), "waiting for in-flight jobs");
+    tokio::select! {
+        _ = tracker.wait() => {}
+        _ = worker.abort.cancelled() => {
+            tracing::warn!(left = tracker.len(), "grace period over; leaving unfinished jobs to redelivery");
+            let _ = tokio::time::timeout(Duration::from_millis(1500), tracker.wait()).await;
+        }
+    }
+}
+
+/// Runs `job`, catching a panic: what it said, bounded, if it panicked.
+pub async fn catch_panic(job: impl Future<Output = ()>) -> Result<(), String> {
+    std::panic::AssertUnwindSafe(job).catch_unwind().await.map_err(|panic| {
+        let said = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(not text)");
+        text::message(said)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_job_is_caught_with_what_it_said() {
+        assert_eq!(catch_panic(async {}).await, Ok(()));
+        let caught = catch_panic(async { panic!("the {} went wrong", "thing") }).await;
+        assert_eq!(caught, Err("the thing went wrong".to_owned()));
+        let long = catch_panic(async { std::panic::panic_any("x".repeat(100_000)) }).await.unwrap_err();
+        assert!(long.len() <= text::MAX_MESSAGE_BYTES);
     }
 }

@@ -1,17 +1,26 @@
 //! The life of one job, top to bottom in [`Worker::run_job`]:
 //! receive → claim → generate (with re-ask) → validate and hydrate → store (entity + job +
 //! event, one transaction) → acknowledge → announce.
+//!
+//! The job's run ([`Worker::work`]) ends in an [`Ending`]; what becomes of the delivery —
+//! ack, dead-letter, defer, requeue — is a plain function of it ([`disposition`]), which the
+//! async code only carries out.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use sea_orm::DbErr;
+use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
+use uuid::Uuid;
 
 use crate::broker::{PublishError, Publisher};
 use crate::config::Settings;
@@ -19,10 +28,12 @@ use crate::contract::{ErrorKind, JobError};
 use crate::decode::{Job, Rejection, decode};
 use crate::entities::Registry;
 use crate::llm::modes::Strategies;
-use crate::llm::{self, LlmClient, generate::Prompt};
-use crate::metrics;
+use crate::llm::{self, CallTrace, LlmClient, generate::Prompt};
+use crate::metrics::{DeferReason, Metrics};
 use crate::relay::{self, Undelivered};
-use crate::store::{Claim, OutboxEvent, Outcome, Store, is_transient};
+use crate::store::outcomes::reannouncement;
+use crate::store::{Claim, DbFault, JobRecord, OutboxEvent, Outcome, Store, classify};
+use crate::text;
 
 /// Everything a job needs, shared by all jobs of the process.
 pub struct Worker {
@@ -32,15 +43,20 @@ pub struct Worker {
     pub llm: LlmClient,
     /// How each entity is asked for in each mode.
     pub strategies: Strategies,
+    pub metrics: Metrics,
     /// Cancelled when the process stops taking new jobs (first signal).
     pub stop: CancellationToken,
-    /// Cancelled when the shutdown grace period is over: give up and leave the delivery
-    /// to redelivery.
+    /// Cancelled when the shutdown grace period is over: jobs give up what they wait for and
+    /// leave their deliveries to redelivery.
     pub abort: CancellationToken,
     /// Bounds the events being announced by jobs that have already given back their slot
     /// (twice `worker.concurrency`): a slow broker holds jobs back rather than letting
     /// announcements pile up.
-    pub announcing: Arc<Semaphore>,
+    announcing: Semaphore,
+    /// The job ids this process is running. A second delivery of one of them is busy without
+    /// asking the database; and a claim held by this worker on a job it is *not* running is
+    /// one a panicked or interrupted run left behind, which its next delivery takes back.
+    running: Mutex<HashSet<Uuid>>,
 }
 
 /// A job's place among the `worker.concurrency` that run at once. Taken before its delivery
@@ -49,142 +65,186 @@ pub struct Worker {
 /// published, which needs neither the model nor the claim, only the broker.
 pub type Slot = OwnedSemaphorePermit;
 
-/// Why a job was left for redelivery instead of being finished.
+/// How one delivery's run ended.
+#[derive(Debug)]
+pub enum Ending {
+    /// An outcome (success or failure) was committed, with its event in the outbox (`None`:
+    /// the claim was lost to another worker, which announces it).
+    Committed(Option<OutboxEvent>),
+    /// The job had finished before: this delivery is answered with its event, as announced.
+    AlreadyFinished(Option<OutboxEvent>),
+    /// The request can never succeed; its failure is recorded (with an event, unless its job
+    /// id belongs to another job). `entity` labels the metric.
+    Rejected { reason: String, entity: String, event: Option<OutboxEvent> },
+    /// Given up at its delivery limit (its workers kept dying); the failure is committed.
+    GivenUp { reason: String, entity: String, event: Option<OutboxEvent> },
+    /// Cannot be worked on now. `message_id`: the job id, when it was assigned (it is then
+    /// given to the copy, so that the copy is the same job).
+    Postponed { reason: DeferReason, message_id: Option<Uuid> },
+    /// The shutdown's grace period ran out before the job finished.
+    Interrupted,
+}
+
+/// What becomes of a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// The outcome is committed, or there is nothing left to do: ack.
+    Ack,
+    /// Copy it to the dead-letter queue with the reason (confirmed), then ack.
+    DeadLetter { reason: String, entity: String, kind: ErrorKind },
+    /// Copy it to the delay queue (confirmed), then ack: it comes back after
+    /// `broker.defer_secs` as a new message, its delivery count untouched.
+    Defer { reason: DeferReason, message_id: Option<Uuid> },
+    /// Return it to the queue for another worker (shutting down).
+    Requeue,
+}
+
+/// The decision, from how the run ended. A requeue counts towards the broker's delivery
+/// limit (a worker that keeps being interrupted while holding it is a sign of a poison
+/// message); a deferral does not (waiting is not failing).
+pub fn disposition(ending: &Ending) -> Disposition {
+    match ending {
+        Ending::Committed(_) | Ending::AlreadyFinished(_) => Disposition::Ack,
+        Ending::Rejected { reason, entity, .. } => {
+            Disposition::DeadLetter { reason: reason.clone(), entity: entity.clone(), kind: ErrorKind::InvalidRequest }
+        }
+        Ending::GivenUp { reason, entity, .. } => {
+            Disposition::DeadLetter { reason: reason.clone(), entity: entity.clone(), kind: ErrorKind::Internal }
+        }
+        Ending::Postponed { reason, message_id } => Disposition::Defer { reason: *reason, message_id: *message_id },
+        Ending::Interrupted => Disposition::Requeue,
+    }
+}
+
+/// Why a job's database work was given up.
 #[derive(Debug, thiserror::Error)]
 enum Abandon {
     #[error("shutting down")]
     ShuttingDown,
-    #[error("database error: {0}")]
-    Database(#[source] DbErr),
+    #[error("the database kept failing for the delivery's whole hold: {0}")]
+    Held(#[source] DbErr),
+    #[error("the data cannot be stored: {0}")]
+    Data(#[source] DbErr),
+}
+
+impl Abandon {
+    /// How a run that had to give up its database work ends.
+    fn ending(&self, message_id: Option<Uuid>) -> Ending {
+        match self {
+            Abandon::ShuttingDown => Ending::Interrupted,
+            Abandon::Held(_) | Abandon::Data(_) => Ending::Postponed { reason: DeferReason::Database, message_id },
+        }
+    }
+}
+
+/// Keeps a job id in [`Worker::running`] while it lives.
+struct Running<'a> {
+    worker: &'a Worker,
+    job_id: Uuid,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.worker.running.lock().expect("the running set's lock is never poisoned").remove(&self.job_id);
+    }
 }
 
 impl Worker {
+    pub fn new(
+        settings: Arc<Settings>,
+        registry: Registry,
+        store: Store,
+        llm: LlmClient,
+        strategies: Strategies,
+        metrics: Metrics,
+    ) -> Self {
+        // Twice the slots: an announcement is short (a confirm and a batched mark), but must not
+        // become what jobs wait for.
+        let announcing = Semaphore::new(2 * usize::from(settings.worker.concurrency));
+        Self {
+            settings,
+            registry,
+            store,
+            llm,
+            strategies,
+            metrics,
+            stop: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            announcing,
+            running: Mutex::new(HashSet::new()),
+        }
+    }
+
     /// Runs one delivery to its end. Never fails: every path ends in an ack (outcome
-    /// committed, or dead-lettered), or a requeue for redelivery (shutdown, outage).
+    /// committed, dead-lettered or deferred), or a requeue (shutdown, a broker that would not
+    /// take a copy).
     #[tracing::instrument(name = "job", skip_all, fields(job_id = Empty, entity = Empty, attempt = Empty, redelivered = delivery.redelivered))]
     pub async fn run_job(&self, delivery: Delivery, publisher: &Publisher, slot: Slot) {
-        let _in_flight = metrics::InFlight::start();
-        let job = match decode(&delivery.data, &delivery.properties, &self.registry, &self.settings) {
-            Ok(job) => job,
-            Err(rejection) => return self.dead_letter(delivery, *rejection, publisher, slot).await,
-        };
+        let _in_flight = self.metrics.in_flight();
+        let hold = Instant::now() + Duration::from_secs(self.settings.worker.max_hold_secs);
+        let ending = self.work(&delivery, hold).await;
+        if self.carry_out(&delivery, publisher, disposition(&ending)).await {
+            self.announce(publisher, ending, slot).await;
+        }
+    }
+
+    /// decode → claim → generate → store: everything but the broker.
+    async fn work(&self, delivery: &Delivery, hold: Instant) -> Ending {
+        let job =
+            match decode(&delivery.data, &delivery.properties, delivery.redelivered, &self.registry, &self.settings) {
+                Ok(job) => job,
+                Err(rejection) => return self.reject(*rejection, hold).await,
+            };
         let span = tracing::Span::current();
         span.record("job_id", tracing::field::display(job.id));
         span.record("entity", job.kind.name());
+        let message_id = job.assigned_id.then_some(job.id);
 
-        if job.previous_deliveries >= u64::from(self.settings.broker.delivery_limit) {
-            return self.give_up(delivery, &job, publisher, slot).await;
-        }
-        self.finish(delivery, &job, publisher, slot).await
-    }
-
-    /// Settles the job, then acks (outcome committed) or requeues (shutdown, outage).
-    async fn finish(&self, delivery: Delivery, job: &Job, publisher: &Publisher, slot: Slot) {
-        match self.settle(job).await {
-            Ok(event) => {
-                // The outcome is committed: only now may the request leave the queue.
-                acknowledge(delivery).await;
-                if let Some(event) = event {
-                    self.announce(publisher, &event, slot).await;
-                }
-            }
-            Err(reason) => {
-                tracing::warn!(%reason, "job left for redelivery");
-                requeue(&delivery).await;
-            }
-        }
-    }
-
-    /// The broker's last allowed delivery of a message whose earlier deliveries all ended
-    /// without an outcome (their workers died or were cut off): rather than risk another
-    /// crash, and the broker then dead-lettering it without a word, fail the job with kind
-    /// `internal`, copy the message to the dead-letter queue with the reason, and announce
-    /// the failure. Only if nobody holds a live claim on the job: a job that is running or
-    /// finished elsewhere takes the normal path.
-    async fn give_up(&self, delivery: Delivery, job: &Job, publisher: &Publisher, slot: Slot) {
-        let record = job.record();
-        let lease = Duration::from_secs(self.settings.worker.job_lease_secs);
-        let token = loop {
-            match self.with_db_retries(|| self.store.claim_job(&record, lease)).await {
-                Ok(Claim::Acquired { token }) => break token,
-                Ok(Claim::Finished) => return self.finish(delivery, job, publisher, slot).await,
-                // The last holder may be alive (cut off from the broker, still working):
-                // wait for it to finish or for its lease to run out.
-                Ok(Claim::Busy { .. }) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        _ = self.stop.cancelled() => return requeue(&delivery).await,
-                    }
-                }
-                Err(reason) => {
-                    tracing::warn!(%reason, "job left for redelivery");
-                    return requeue(&delivery).await;
-                }
-            }
+        let Some(_running) = self.start_running(job.id) else {
+            tracing::info!("this process is running the same job; deferring the duplicate");
+            return Ending::Postponed { reason: DeferReason::Claimed, message_id };
         };
-        let reason = format!(
-            "delivered {} times without finishing (broker.delivery_limit is {}): it may be crashing or stalling \
-             workers; not tried again",
-            job.previous_deliveries + 1,
-            self.settings.broker.delivery_limit
-        );
-        tracing::error!(%reason, "giving up on a job");
-        let failure = JobError::new(ErrorKind::Internal, reason);
-        let trace = llm::CallTrace::default();
-        let finish = self.store.finish(&record, token, &Outcome { result: Err(&failure), trace: &trace });
-        // The claim stays renewed while the broker confirms the copy and the failure commits
-        // (a blocked broker may take a while).
-        let settled = tokio::select! {
-            settled = async {
-                publisher.dead_letter(&delivery.data, &delivery.properties, &failure.message).await.map_err(|error| {
-                    tracing::error!(%error, "cannot dead-letter the message; leaving it for redelivery");
-                })?;
-                self.with_db_retries(|| self.store.record(&finish)).await.map_err(|reason| {
-                    tracing::warn!(%reason, "job left for redelivery");
-                })
-            } => settled,
-            never = self.renew_lease(job, token) => match never {},
-        };
-        match settled {
-            Ok(event) => {
-                acknowledge(delivery).await;
-                if let Some(event) = event {
-                    metrics::dead_lettered(job.kind.name(), ErrorKind::Internal);
-                    self.announce(publisher, &event, slot).await;
-                }
-            }
-            Err(()) => requeue(&delivery).await,
-        }
-    }
-
-    /// Claims the job and brings it to a committed outcome. Returns the event to announce
-    /// (`None` if another worker took the job over and will announce it).
-    async fn settle(&self, job: &Job) -> Result<Option<OutboxEvent>, Abandon> {
         let record = job.record();
-        let lease = Duration::from_secs(self.settings.worker.job_lease_secs);
-        loop {
-            match self.with_db_retries(|| self.store.claim_job(&record, lease)).await? {
-                Claim::Acquired { token } => return self.generate_and_store(job, token).await,
-                Claim::Finished => {
-                    tracing::info!("job already finished; announcing its outcome again");
-                    return self.with_db_retries(|| self.store.reannounce(&record)).await;
+        let claim = match self.with_db_retries(hold, || self.store.claim_job(&record)).await {
+            Ok(claim) => claim,
+            Err(Abandon::Data(error)) => return self.reject_unstorable(&job, &error, hold).await,
+            Err(abandon) => return abandon.ending(message_id),
+        };
+        match claim {
+            Claim::Busy => {
+                tracing::info!("another live worker holds this job; deferring this delivery");
+                Ending::Postponed { reason: DeferReason::Claimed, message_id }
+            }
+            Claim::Finished { event } => {
+                tracing::info!("job already finished; answering with its event");
+                let event = event.and_then(|stored| {
+                    reannouncement(&record, &stored)
+                        .map_err(|error| tracing::warn!(%error, "the job's stored event cannot be sent again"))
+                        .ok()
+                });
+                Ending::AlreadyFinished(event)
+            }
+            Claim::Acquired { token, takeovers } => {
+                // The broker's count (of a redelivery) and the claim's (which survives
+                // deferrals): either says how often a worker died holding this job.
+                let previous = job.previous_deliveries.max(u64::from(takeovers));
+                if previous >= u64::from(self.settings.broker.delivery_limit) {
+                    return self.give_up(&job, token, previous, hold).await;
                 }
-                Claim::Busy { lease_expires_at } => {
-                    // A duplicate delivery while another worker runs the job: wait for it
-                    // to finish (then announce again) or for its lease to expire (then
-                    // take over), so that this delivery, too, gets its event.
-                    tracing::info!(%lease_expires_at, "another worker holds this job; waiting");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        _ = self.stop.cancelled() => return Err(Abandon::ShuttingDown),
-                    }
-                }
+                self.generate_and_store(&job, token, hold).await
             }
         }
     }
 
-    async fn generate_and_store(&self, job: &Job, token: uuid::Uuid) -> Result<Option<OutboxEvent>, Abandon> {
+    fn start_running(&self, job_id: Uuid) -> Option<Running<'_>> {
+        let inserted = self.running.lock().expect("the running set's lock is never poisoned").insert(job_id);
+        // (Not `then_some`: a guard built for nothing would remove the other run's id.)
+        if inserted { Some(Running { worker: self, job_id }) } else { None }
+    }
+
+    async fn generate_and_store(&self, job: &Job, token: Uuid, hold: Instant) -> Ending {
         let started = Instant::now();
+        let message_id = job.assigned_id.then_some(job.id);
         let prompt = Prompt {
             kind: job.kind.as_ref(),
             messages: &job.request.messages,
@@ -192,100 +252,212 @@ impl Worker {
             strategy: self.strategies.get(job.kind.name(), job.mode),
             max_retries: job.max_retries,
             deadline: started + Duration::from_secs(self.settings.llm.job_timeout_secs),
+            hold,
         };
-        // The claim is a lease renewed while the job runs: a worker that dies stops renewing
-        // it, and a redelivered copy takes the job over soon after, not after a long fixed
-        // lease.
         let generation = tokio::select! {
             generation = llm::generate(&self.llm, &self.settings.llm, prompt) => generation,
-            never = self.renew_lease(job, token) => match never {},
+            // The call in flight is dropped: the grace period is over.
+            _ = self.abort.cancelled() => return self.hand_back(job.id, token, Ending::Interrupted).await,
+        };
+        let generation = match generation {
+            Ok(generation) => generation,
+            Err(unavailable) => {
+                tracing::warn!(last_error = %unavailable, "the provider stayed unavailable; deferring the job");
+                let ending = Ending::Postponed { reason: DeferReason::Provider, message_id };
+                return self.hand_back(job.id, token, ending).await;
+            }
         };
         let record = job.record();
         let failure;
         let mut outcome = Outcome { result: generation.outcome.as_ref(), trace: &generation.trace };
         let finish = self.store.finish(&record, token, &outcome);
-        let stored = match self.with_db_retries(|| self.store.record(&finish)).await {
-            Err(Abandon::Database(error)) => {
+        let stored = match self.with_db_retries(hold, || self.store.record(&finish)).await {
+            Ok(stored) => stored,
+            Err(Abandon::Data(error)) => {
                 // The record itself cannot be stored (a constraint the schema did not
                 // express): the job fails for good rather than looping on redelivery.
                 tracing::error!(error = %error, "storing the record failed; failing the job");
-                failure = JobError::new(ErrorKind::Internal, format!("the record could not be stored: {error}"));
+                let message = text::message(&format!("the record could not be stored: {error}"));
+                failure = JobError::new(ErrorKind::Internal, message);
                 outcome.result = Err(&failure);
                 let finish = self.store.finish(&record, token, &outcome);
-                self.with_db_retries(|| self.store.record(&finish)).await?
+                match self.with_db_retries(hold, || self.store.record(&finish)).await {
+                    Ok(stored) => stored,
+                    Err(abandon) => return self.hand_back(job.id, token, abandon.ending(message_id)).await,
+                }
             }
-            other => other?,
+            Err(abandon) => return self.hand_back(job.id, token, abandon.ending(message_id)).await,
         };
         // What was committed, not what was generated: they differ when storing failed.
         match (&stored, outcome.result) {
             (Some(_), Ok(_)) => {
-                metrics::job_finished(job.kind.name(), Ok(()), started.elapsed());
+                self.metrics.job_finished(job.kind.name(), Ok(()), started.elapsed());
                 tracing::info!(attempts = generation.trace.attempts, elapsed = ?started.elapsed(), "job succeeded")
             }
             (Some(_), Err(error)) => {
-                metrics::job_finished(job.kind.name(), Err(error.kind), started.elapsed());
+                self.metrics.job_finished(job.kind.name(), Err(error.kind), started.elapsed());
                 tracing::warn!(kind = ?error.kind, error = %error.message, "job failed")
             }
             (None, _) => {
-                tracing::warn!("the job's lease expired and another worker took it over; dropping this result")
+                tracing::warn!("another worker took the job over (this one was taken for gone); dropping this result")
             }
         }
-        Ok(stored)
+        Ending::Committed(stored)
     }
 
-    /// Renews the job's lease every third of its length, for as long as it is polled.
-    async fn renew_lease(&self, job: &Job, token: uuid::Uuid) -> std::convert::Infallible {
-        let lease = Duration::from_secs(self.settings.worker.job_lease_secs);
-        loop {
-            tokio::time::sleep(lease / 3).await;
-            match self.store.renew_lease(job.id, token, lease).await {
-                Ok(true) => {}
-                Ok(false) => tracing::warn!("the job's claim was taken over; its result will be dropped"),
-                Err(error) => tracing::warn!(%error, "renewing the job's lease failed"),
-            }
+    /// A job whose workers kept dying while holding it: rather than risk another crash (and
+    /// the broker then dead-lettering it without a word), fail it with kind `internal`, send
+    /// the message to the dead-letter queue with the reason, and announce the failure.
+    async fn give_up(&self, job: &Job, token: Uuid, previous: u64, hold: Instant) -> Ending {
+        let reason = format!(
+            "delivered {} times without finishing (broker.delivery_limit is {}): its worker died or was cut off \
+             each time, so it may be crashing or stalling workers; not tried again",
+            previous + 1,
+            self.settings.broker.delivery_limit
+        );
+        tracing::error!(%reason, "giving up on a job");
+        let failure = JobError::new(ErrorKind::Internal, reason.clone());
+        let trace = CallTrace::default();
+        let finish = self.store.finish(&job.record(), token, &Outcome { result: Err(&failure), trace: &trace });
+        match self.with_db_retries(hold, || self.store.record(&finish)).await {
+            Ok(event) => Ending::GivenUp { reason, entity: job.kind.name().to_owned(), event },
+            Err(abandon) => self.hand_back(job.id, token, abandon.ending(job.assigned_id.then_some(job.id))).await,
         }
     }
 
-    /// A message that can never succeed: copy it to the DLQ with its reason (confirmed),
-    /// record the failed job and its event, then ack. Nothing is dropped silently.
-    async fn dead_letter(&self, delivery: Delivery, rejection: Rejection, publisher: &Publisher, slot: Slot) {
+    /// A message that can never succeed: its failure is recorded (a `failed` row and event,
+    /// unless the job id is another job's), and it goes to the dead-letter queue. Nothing is
+    /// dropped silently.
+    async fn reject(&self, rejection: Rejection, hold: Instant) -> Ending {
         let span = tracing::Span::current();
         span.record("job_id", tracing::field::display(rejection.job_id));
         span.record("entity", rejection.entity.as_str());
-        tracing::warn!(reason = %rejection.reason, "dead-lettering an invalid request");
-        if let Err(error) = publisher.dead_letter(&delivery.data, &delivery.properties, &rejection.reason).await {
-            tracing::error!(%error, "cannot dead-letter the message; leaving it for redelivery");
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = self.stop.cancelled() => {}
-            }
-            return requeue(&delivery).await;
-        }
-        metrics::dead_lettered(rejection.routing_entity.unwrap_or("unknown"), ErrorKind::InvalidRequest);
+        tracing::warn!(reason = %rejection.reason, "rejecting an invalid request");
         let error = JobError::new(ErrorKind::InvalidRequest, rejection.reason.clone());
-        let record = rejection.record();
-        let event = self.with_db_retries(|| self.store.record_rejection(&record, &error)).await;
-        // The dead-letter copy is confirmed: the request may leave the queue even if the
-        // database could not record the failure (it is then only in the DLQ).
-        acknowledge(delivery).await;
-        match event {
-            Ok(event) => self.announce(publisher, &event, slot).await,
-            Err(reason) => tracing::error!(%reason, "the failed job could not be recorded; no event is sent"),
+        let event = self.record_rejection(&rejection.record(), &error, hold).await;
+        let entity = rejection.routing_entity.unwrap_or("unknown").to_owned();
+        Ending::Rejected { reason: rejection.reason, entity, event }
+    }
+
+    /// A request the database cannot hold (a character its encoding lacks, say): rejected,
+    /// its failure recorded without the request.
+    async fn reject_unstorable(&self, job: &Job, error: &DbErr, hold: Instant) -> Ending {
+        let reason = text::message(&format!("the database cannot store this request: {error}"));
+        tracing::warn!(%reason, "rejecting a request");
+        let record = JobRecord { request: &Value::Null, metadata: &Value::Null, ..job.record() };
+        let failure = JobError::new(ErrorKind::InvalidRequest, reason.clone());
+        let event = self.record_rejection(&record, &failure, hold).await;
+        Ending::Rejected { reason, entity: job.kind.name().to_owned(), event }
+    }
+
+    async fn record_rejection(&self, record: &JobRecord<'_>, error: &JobError, hold: Instant) -> Option<OutboxEvent> {
+        match self.with_db_retries(hold, || self.store.record_rejection(record, error)).await {
+            Ok(Some(event)) => Some(event),
+            Ok(None) => {
+                tracing::warn!(
+                    "the job id belongs to another job: the rejection is recorded in the dead-letter queue only"
+                );
+                None
+            }
+            Err(reason) => {
+                tracing::error!(%reason, "the failed job could not be recorded; it is dead-lettered without an event");
+                None
+            }
         }
     }
 
-    /// Delivers an outboxed event right after its commit and ack, giving the job's slot to
-    /// the next delivery once there is room among the announcements. Whatever is not
-    /// confirmed stays in the outbox for the relay.
-    async fn announce(&self, publisher: &Publisher, event: &OutboxEvent, slot: Slot) {
+    /// Hands the job's claim back before its delivery is deferred or requeued, so that its
+    /// next delivery takes it over at once. Best effort, briefly: a claim that could not be
+    /// handed back is this worker's, which takes it back on the next delivery it gets.
+    async fn hand_back(&self, job_id: Uuid, token: Uuid, ending: Ending) -> Ending {
+        match tokio::time::timeout(Duration::from_secs(1), self.store.release_claim(job_id, token)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::debug!(%error, "could not hand the claim back"),
+            Err(_) => tracing::debug!("could not hand the claim back in time"),
+        }
+        ending
+    }
+
+    /// Carries out `disposition` on the broker. Whether the delivery was acked (and its
+    /// event, if any, is to be announced).
+    async fn carry_out(&self, delivery: &Delivery, publisher: &Publisher, disposition: Disposition) -> bool {
+        match disposition {
+            Disposition::Ack => acknowledge(delivery).await,
+            Disposition::Requeue => {
+                requeue(delivery).await;
+                false
+            }
+            Disposition::DeadLetter { reason, entity, kind } => {
+                let copied =
+                    self.until_abort(publisher.dead_letter(&delivery.data, &delivery.properties, &reason)).await;
+                match copied {
+                    Ok(()) => {
+                        self.metrics.dead_lettered(&entity, kind);
+                        acknowledge(delivery).await
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "cannot dead-letter the message; leaving it for redelivery");
+                        self.pause_then_requeue(delivery).await
+                    }
+                }
+            }
+            Disposition::Defer { reason, message_id } => {
+                let delay = Duration::from_secs(self.settings.broker.defer_secs);
+                let copied =
+                    self.until_abort(publisher.defer(&delivery.data, &delivery.properties, message_id, delay)).await;
+                match copied {
+                    Ok(()) => {
+                        self.metrics.deferred(reason);
+                        acknowledge(delivery).await
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "cannot move the delivery to the delay queue; leaving it for redelivery");
+                        self.pause_then_requeue(delivery).await
+                    }
+                }
+            }
+        }
+    }
+
+    /// A broker that would not take a copy: requeue after a pause, so as not to spin on it.
+    async fn pause_then_requeue(&self, delivery: &Delivery) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = self.stop.cancelled() => {}
+        }
+        requeue(delivery).await;
+        false
+    }
+
+    /// A publish, given up when the grace period is over (a blocked broker holds publishes).
+    async fn until_abort<T>(&self, publish: impl Future<Output = Result<T, PublishError>>) -> Result<T, PublishError> {
+        tokio::select! {
+            published = publish => published,
+            _ = self.abort.cancelled() => Err(PublishError::Abandoned),
+        }
+    }
+
+    /// Announces what the run ended with, after the ack: an outcome's event from the outbox
+    /// (marked published once confirmed), or a finished job's event sent again to this
+    /// delivery's requester (not kept: the job's own event is in the outbox already). The
+    /// job's slot goes to the next delivery once there is room among the announcements.
+    async fn announce(&self, publisher: &Publisher, ending: Ending, slot: Slot) {
+        let (event, outboxed) = match ending {
+            Ending::Committed(Some(event))
+            | Ending::Rejected { event: Some(event), .. }
+            | Ending::GivenUp { event: Some(event), .. } => (event, true),
+            Ending::AlreadyFinished(Some(event)) => (event, false),
+            _ => return,
+        };
         let sent = {
             let _announcing = self.announcing.acquire().await.expect("the semaphore is never closed");
             drop(slot);
-            relay::send(publisher, event).await
+            self.until_abort(relay::send(publisher, &event)).await
         };
-        // The "published" mark waits for its batch (up to `MARK_LINGER`) outside the bound.
         let delivered = match sent {
-            Ok(sent) => relay::write_down(relay::Marks::Batched(&self.store), event, sent).await,
+            // The "published" mark waits for its batch (up to `MARK_LINGER`) outside the bound.
+            Ok(sent) if outboxed => relay::write_down(relay::Marks::Batched(&self.store), &event, sent).await,
+            Ok(sent) => sent.into_event().map_err(Undelivered::from),
             Err(error) => Err(error.into()),
         };
         match delivered {
@@ -294,51 +466,140 @@ impl Worker {
                 routing_key = %event.routing_key,
                 "no queue is bound to the events exchange for this event; it stays pending until one is"
             ),
-            Err(error) => tracing::warn!(%error, "event not confirmed yet; the outbox relay will retry"),
+            Err(error) if outboxed => tracing::warn!(%error, "event not confirmed yet; the outbox relay will retry"),
+            Err(error) => tracing::warn!(%error, "the finished job's event could not be sent again"),
         }
     }
 
-    /// Runs a database operation, retrying transient errors (an outage pauses the job, it
-    /// does not fail it) until it succeeds or the shutdown grace period is over.
-    async fn with_db_retries<T, F, Fut>(&self, operation: F) -> Result<T, Abandon>
+    /// Runs a database operation, retrying outages and refusals with backoff (they pause the
+    /// job; they never fail it nor spin on it) until it succeeds, the delivery's `hold` runs
+    /// out, or the grace period is over. A fault in the data is returned at once.
+    async fn with_db_retries<T, F, Fut>(&self, hold: Instant, mut operation: F) -> Result<T, Abandon>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, DbErr>>,
     {
-        let backoff = ExponentialBuilder::default()
+        let mut delays = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
             .with_max_delay(Duration::from_secs(5))
-            .with_max_times(usize::MAX)
-            .with_jitter();
-        let retried = operation
-            .retry(backoff)
-            .sleep(tokio::time::sleep)
-            .when(is_transient)
-            .notify(|error, wait| tracing::warn!(%error, ?wait, "database unavailable; retrying"));
-        tokio::select! {
-            result = retried => result.map_err(Abandon::Database),
-            _ = self.abort.cancelled() => Err(Abandon::ShuttingDown),
+            .without_max_times()
+            .with_jitter()
+            .build();
+        let mut failures = 0u32;
+        loop {
+            let error = tokio::select! {
+                result = operation() => match result {
+                    Ok(value) => return Ok(value),
+                    Err(error) => error,
+                },
+                _ = self.abort.cancelled() => return Err(Abandon::ShuttingDown),
+            };
+            let fault = classify(&error);
+            if fault == DbFault::Data {
+                return Err(Abandon::Data(error));
+            }
+            let wait = delays.next().unwrap_or(Duration::from_secs(5));
+            if Instant::now() + wait >= hold {
+                tracing::warn!(%error, "the database kept failing for the delivery's whole hold");
+                return Err(Abandon::Held(error));
+            }
+            failures += 1;
+            // One line per job at the first failure; the heartbeat reports the database's state.
+            let what =
+                if fault == DbFault::Outage { "database unavailable" } else { "the database refuses the job's work" };
+            if failures == 1 {
+                tracing::warn!(%error, ?wait, "{what}; retrying");
+            } else {
+                tracing::debug!(%error, ?wait, failures, "{what}; retrying");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.abort.cancelled() => return Err(Abandon::ShuttingDown),
+            }
         }
     }
 }
 
-/// Acks a delivery, and lets go of it (the request's body is no longer needed while the
-/// event is announced). A failed ack (the channel died meanwhile) is not an error of the
-/// job: the request is redelivered, the claim finds the job finished, and it is announced
-/// again.
-async fn acknowledge(delivery: Delivery) {
+/// Acks a delivery. A failed ack (the channel died meanwhile) is not an error of the job:
+/// the request is redelivered, the claim finds the job finished, and it is announced again.
+/// Whether the ack was sent.
+async fn acknowledge(delivery: &Delivery) -> bool {
     match delivery.acker.ack(BasicAckOptions::default()).await {
-        Ok(true) => {}
-        Ok(false) => tracing::warn!("ack not sent (its channel is gone); the request will be redelivered"),
-        Err(error) => tracing::warn!(%error, "ack failed; the request will be redelivered"),
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::warn!("ack not sent (its channel is gone); the request will be redelivered");
+            false
+        }
+        Err(error) => {
+            tracing::warn!(%error, "ack failed; the request will be redelivered");
+            false
+        }
     }
 }
 
 /// Returns a delivery to the queue for another try. `requeue: true` explicitly: lapin's
 /// default `BasicNackOptions` would dead-letter it.
-async fn requeue(delivery: &Delivery) {
+pub async fn requeue(delivery: &Delivery) {
+    requeue_with(&delivery.acker).await
+}
+
+/// [`requeue`] with the delivery's acker alone (a job that panicked has lost its delivery).
+pub async fn requeue_with(acker: &lapin::Acker) {
     let options = BasicNackOptions { requeue: true, ..Default::default() };
-    if let Err(error) = delivery.acker.nack(options).await {
+    if let Err(error) = acker.nack(options).await {
         tracing::warn!(%error, "nack failed; the broker redelivers the request when the channel closes");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> OutboxEvent {
+        OutboxEvent {
+            event_id: Uuid::new_v4(),
+            routing_key: "job.succeeded.hero".into(),
+            correlation_id: "c".into(),
+            reply_to: None,
+            payload: b"{}".to_vec(),
+        }
+    }
+
+    #[test]
+    fn committed_and_finished_jobs_are_acked() {
+        assert_eq!(disposition(&Ending::Committed(Some(event()))), Disposition::Ack);
+        assert_eq!(disposition(&Ending::Committed(None)), Disposition::Ack, "a claim lost to another worker");
+        assert_eq!(disposition(&Ending::AlreadyFinished(None)), Disposition::Ack);
+    }
+
+    #[test]
+    fn rejected_and_given_up_jobs_are_dead_lettered_with_their_reason_and_kind() {
+        let rejected = Ending::Rejected { reason: "bad".into(), entity: "unknown".into(), event: None };
+        assert_eq!(
+            disposition(&rejected),
+            Disposition::DeadLetter { reason: "bad".into(), entity: "unknown".into(), kind: ErrorKind::InvalidRequest }
+        );
+        let given_up = Ending::GivenUp { reason: "died".into(), entity: "hero".into(), event: Some(event()) };
+        assert_eq!(
+            disposition(&given_up),
+            Disposition::DeadLetter { reason: "died".into(), entity: "hero".into(), kind: ErrorKind::Internal }
+        );
+    }
+
+    #[test]
+    fn waiting_is_deferred_and_only_a_shutdown_requeues() {
+        let id = Some(Uuid::new_v4());
+        for reason in DeferReason::ALL {
+            let ending = Ending::Postponed { reason, message_id: id };
+            assert_eq!(disposition(&ending), Disposition::Defer { reason, message_id: id });
+        }
+        assert_eq!(disposition(&Ending::Interrupted), Disposition::Requeue);
+    }
+
+    #[test]
+    fn a_database_given_up_on_defers_and_a_shutdown_requeues() {
+        let held = Abandon::Held(DbErr::Custom("read-only".into()));
+        assert!(matches!(held.ending(None), Ending::Postponed { reason: DeferReason::Database, .. }));
+        assert!(matches!(Abandon::ShuttingDown.ending(None), Ending::Interrupted));
     }
 }

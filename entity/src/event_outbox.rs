@@ -19,7 +19,17 @@ pub struct Model {
     #[sea_orm(column_type = "JsonBinary")]
     pub payload: Json,
     pub created_at: DateTimeUtc,
+    /// Set once the broker confirmed the event (and routed it to a queue).
     pub published_at: Option<DateTimeUtc>,
+    /// Tries that came back unroutable.
+    pub attempts: i32,
+    /// When the relay tries an unroutable event again.
+    pub next_attempt_at: Option<DateTimeUtc>,
+    /// Why the event is still pending.
+    #[sea_orm(column_type = "Text", nullable)]
+    pub last_error: Option<String>,
+    /// Set when an event that stayed unroutable for `retention.unroutable_events` was given up.
+    pub abandoned_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

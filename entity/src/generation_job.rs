@@ -30,8 +30,18 @@ pub struct Model {
     pub responses: Json,
     /// Identifies the worker run that holds the claim while the job is running.
     pub claim_token: Option<Uuid>,
-    /// A running job whose lease expired was abandoned and may be taken over.
+    /// The worker (`worker.worker_id`) holding the claim while the job is running.
+    pub claimed_by: Option<i64>,
+    /// How often the claim was taken over from a worker that was gone (killed, frozen, cut
+    /// off): the job's poison count.
+    pub takeovers: i32,
+    /// A claim of an older instructd, before worker heartbeats: taken over once expired.
     pub lease_expires_at: Option<DateTimeUtc>,
+    /// The completion event as announced, once the job finished.
+    #[sea_orm(column_type = "JsonBinary", nullable)]
+    pub event: Option<Json>,
+    #[sea_orm(column_type = "Text", nullable)]
+    pub event_routing_key: Option<String>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
     pub finished_at: Option<DateTimeUtc>,

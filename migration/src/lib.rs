@@ -8,6 +8,7 @@ mod m20261124_000002_create_generation_job;
 mod m20261124_000003_create_event_outbox;
 mod m20261124_000004_outbox_retry_backoff;
 mod m20261124_000005_create_team;
+mod m20261130_000006_worker_presence_and_retention;
 
 pub struct Migrator;
 
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000003_create_event_outbox::Migration),
             Box::new(m20261124_000004_outbox_retry_backoff::Migration),
             Box::new(m20261124_000005_create_team::Migration),
+            Box::new(m20261130_000006_worker_presence_and_retention::Migration),
         ]
     }
 }

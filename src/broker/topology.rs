@@ -1,6 +1,7 @@
 //! The contract's topology, declared idempotently at every (re)connection: the request
-//! queue (a durable quorum queue dead-lettering to the DLQ), the DLQ, and the durable
-//! topic exchange for events.
+//! queue (a durable quorum queue dead-lettering to the DLQ), the DLQ, the delay queue
+//! (where a delivery waits before it goes back to the request queue) and the durable topic
+//! exchange for events.
 
 use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -26,6 +27,17 @@ pub async fn declare(channel: &Channel, settings: &BrokerSettings) -> lapin::Res
     requests.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
     requests.insert("x-overflow".into(), long_string("reject-publish"));
     channel.queue_declare(settings.request_queue.as_str().into(), QueueDeclareOptions::durable(), requests).await?;
+
+    // Each deferred copy carries its own `expiration`; once expired it is dead-lettered back to
+    // the request queue as a new message (no delivery count). Quorum, and at-least-once, so
+    // that the move back cannot lose it.
+    let mut delay = FieldTable::default();
+    delay.insert("x-queue-type".into(), long_string("quorum"));
+    delay.insert("x-dead-letter-exchange".into(), long_string(""));
+    delay.insert("x-dead-letter-routing-key".into(), long_string(&settings.request_queue));
+    delay.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
+    delay.insert("x-overflow".into(), long_string("reject-publish"));
+    channel.queue_declare(settings.delay_queue.as_str().into(), QueueDeclareOptions::durable(), delay).await?;
 
     channel
         .exchange_declare(

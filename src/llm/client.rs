@@ -4,7 +4,7 @@
 //! `Retry-After` header.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_openai::Client;
 use async_openai::config::OpenAIConfig;
@@ -13,23 +13,32 @@ use async_openai::middleware::HttpRequestFactory;
 use async_openai::types::chat::CreateChatCompletionRequest;
 use serde::Deserialize;
 use serde_json::Value;
+use tokio::time::Instant;
 
+use super::circuit::{Circuit, CircuitState};
 use super::limit::AdaptiveLimit;
-use super::retry::{RetryPolicy, TransportError};
+use super::retry::{BodyTooLarge, RetryPolicy, TransportError, parse_retry_after};
 use crate::config::LlmSettings;
 use crate::contract::Usage;
-use crate::metrics::{self, CallOutcome};
+use crate::metrics::{CallOutcome, Metrics};
+use crate::text;
 
-/// A chat-completions client with timeouts and transport retries.
+/// The most bytes of a failed call's body that are read (for the provider's message).
+const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+
+/// A chat-completions client with timeouts, transport retries and a circuit breaker.
 #[derive(Clone)]
 pub struct LlmClient {
     client: Client<OpenAIConfig>,
     policy: RetryPolicy,
     /// Provider protection: concurrent calls, lowered while the provider answers 429.
     limit: Arc<AdaptiveLimit>,
+    /// Provider outages: no calls while it is open, one probe at a time.
+    circuit: Arc<Circuit>,
     request_timeout: Duration,
     /// Kept only to scrub it from provider error messages that echo it back.
     api_key: Option<String>,
+    metrics: Metrics,
 }
 
 /// One successful call: the raw response as the provider sent it (kept on the job row)
@@ -65,18 +74,22 @@ pub struct FunctionCall {
     pub arguments: String,
 }
 
-/// Why a call produced no completion.
+/// Why a call produced no completion. Every message is bounded ([`text::message`]) and
+/// free of the API key.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     /// The provider refused the call for good (400, 401, 403, 404, …): not retried.
     #[error("the provider rejected the call: {0}")]
     Rejected(String),
-    /// Transport retries ran out (429, 5xx, timeouts, connection errors).
-    #[error("the provider kept failing after {attempts} attempt(s): {last}")]
-    Exhausted { attempts: u32, last: String },
-    /// The job's deadline passed before a completion arrived.
-    #[error("the job's deadline passed while calling the provider")]
-    DeadlineExceeded,
+    /// The job's deadline passed while the provider, answering other calls, kept failing
+    /// this one's (5xx, timeouts).
+    #[error("the job's deadline passed after {attempts} failed attempt(s); last error: {last}")]
+    DeadlineExceeded { attempts: u32, last: String },
+    /// The provider is down (its circuit open, or every call rate limited) and stayed down
+    /// until the job's deadline or the delivery's hold ran out: not the job's fault, so it is
+    /// not failed but deferred.
+    #[error("the provider is unavailable ({last})")]
+    Unavailable { last: String },
     /// A 2xx answer that is not a chat completion.
     #[error("the provider's answer is not a chat completion: {0}")]
     Malformed(String),
@@ -86,7 +99,7 @@ impl LlmClient {
     /// Builds the client from settings alone: nothing is read from the environment behind
     /// our back (async-openai's `OpenAIConfig::new()` would read `OPENAI_*` variables).
     /// `max_concurrency` bounds concurrent calls (the adaptive limit starts there).
-    pub fn new(settings: &LlmSettings, max_concurrency: usize) -> anyhow::Result<Self> {
+    pub fn new(settings: &LlmSettings, max_concurrency: usize, metrics: Metrics) -> anyhow::Result<Self> {
         crate::install_crypto_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(settings.request_timeout_secs.min(10)))
@@ -97,58 +110,116 @@ impl LlmClient {
             .with_api_key(api_key.clone().unwrap_or_default())
             .with_org_id("")
             .with_project_id("");
-        let client = Client::build(http.clone(), config)
-            .with_http_service(tower::service_fn(move |factory: HttpRequestFactory| transport(http.clone(), factory)));
+        let max_body = settings.max_response_bytes;
+        let client = Client::build(http.clone(), config).with_http_service(tower::service_fn(
+            move |factory: HttpRequestFactory| transport(http.clone(), factory, max_body),
+        ));
+        let circuit = Circuit::new(
+            settings.circuit_failures,
+            Duration::from_secs(settings.circuit_min_open_secs),
+            Duration::from_secs(settings.circuit_max_open_secs),
+            metrics.clone(),
+        );
         Ok(Self {
             client,
             policy: RetryPolicy::from_settings(settings),
-            limit: AdaptiveLimit::new(max_concurrency),
+            limit: AdaptiveLimit::new(max_concurrency, metrics.clone()),
+            circuit,
             request_timeout: Duration::from_secs(settings.request_timeout_secs),
             api_key,
+            metrics,
         })
     }
 
-    /// Sends one chat completion, retrying transient failures with backoff, and returns
-    /// the completion; fails when the provider rejects the call, keeps failing, or the
-    /// `deadline` passes.
+    /// The provider's circuit, as `/readyz` reports it.
+    pub fn circuit_state(&self) -> CircuitState {
+        self.circuit.state()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Sends one chat completion and returns it. Transport failures (429, 408, 5xx, timeouts,
+    /// connection errors) are retried with backoff for as long as time allows: until the job's
+    /// `deadline`, or the delivery's `hold`, whichever comes first. An open circuit pauses the
+    /// call without spending attempts.
+    ///
+    /// Fails with [`CallError::Rejected`] or [`CallError::Malformed`] at once; with
+    /// [`CallError::Unavailable`] when time ran out while the provider was down (or rate
+    /// limiting, or the delivery's hold ended first); with [`CallError::DeadlineExceeded`]
+    /// when it ran out while the provider answered others but kept failing this call.
     pub async fn complete(
         &self,
         request: &CreateChatCompletionRequest,
         deadline: Instant,
+        hold: Instant,
     ) -> Result<Completion, CallError> {
+        let end = deadline.min(hold);
+        let mut delays = self.policy.delays();
         let mut attempts = 0u32;
-        let result = self
-            .policy
-            .run(deadline, || {
-                attempts += 1;
-                self.call_once(request, deadline)
-            })
-            .await;
-        match result {
-            Ok(completion) => Ok(completion),
-            Err(TransportError::Deadline) => Err(CallError::DeadlineExceeded),
-            Err(TransportError::Malformed(why)) => Err(CallError::Malformed(why)),
-            Err(error) if error.is_retryable() => {
-                Err(CallError::Exhausted { attempts, last: self.scrub(&error.to_string()) })
+        let mut last: Option<TransportError> = None;
+        loop {
+            let Some(ticket) = self.circuit.admit(end).await else {
+                return Err(self.out_of_time(deadline, hold, attempts, last));
+            };
+            let error = match self.call_once(request, end).await {
+                Ok(completion) => {
+                    ticket.answered();
+                    return Ok(completion);
+                }
+                // Out of time before an answer: says nothing about the provider (a probe
+                // dropped here hands the turn on).
+                Err(TransportError::Deadline) => return Err(self.out_of_time(deadline, hold, attempts, last)),
+                Err(error) if error.is_retryable() => {
+                    ticket.failed();
+                    error
+                }
+                Err(error) => {
+                    ticket.answered();
+                    return Err(match error {
+                        TransportError::Malformed(why) => CallError::Malformed(self.describe(&why)),
+                        error => CallError::Rejected(self.describe(&error.to_string())),
+                    });
+                }
+            };
+            attempts += 1;
+            let planned = delays.next().unwrap_or(self.request_timeout);
+            let wait = self.policy.wait_after(&error, planned);
+            if Instant::now() + wait >= end {
+                return Err(self.out_of_time(deadline, hold, attempts, Some(error)));
             }
-            Err(error) => Err(CallError::Rejected(self.scrub(&error.to_string()))),
+            tracing::warn!(error = %self.describe(&error.to_string()), ?wait, "LLM call failed; retrying");
+            last = Some(error);
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// What running out of time means: the job's own failure only when the provider is up
+    /// and serving others (the circuit is closed, the last failure was not a rate limit) and
+    /// the job's deadline, not the delivery's hold, is what ran out.
+    fn out_of_time(&self, deadline: Instant, hold: Instant, attempts: u32, last: Option<TransportError>) -> CallError {
+        let held_out = hold < deadline;
+        let provider_down = self.circuit.state() != CircuitState::Closed
+            || matches!(last, None | Some(TransportError::Http { status: 429, .. }));
+        let last = last.map_or_else(|| "no call could be made".to_owned(), |error| self.describe(&error.to_string()));
+        if held_out || provider_down {
+            CallError::Unavailable { last }
+        } else {
+            CallError::DeadlineExceeded { attempts, last }
         }
     }
 
     async fn call_once(
         &self,
         request: &CreateChatCompletionRequest,
-        deadline: Instant,
+        end: Instant,
     ) -> Result<Completion, TransportError> {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            return Err(TransportError::Deadline);
-        }
         let permit = tokio::select! {
             permit = self.limit.acquire() => permit,
-            _ = tokio::time::sleep(remaining) => return Err(TransportError::Deadline),
+            _ = tokio::time::sleep_until(end) => return Err(TransportError::Deadline),
         };
-        let remaining = deadline.saturating_duration_since(Instant::now());
+        let remaining = end.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             return Err(TransportError::Deadline);
         }
@@ -162,7 +233,7 @@ impl LlmClient {
             Ok(_) => CallOutcome::Ok,
             Err(error) => error.outcome(),
         };
-        metrics::llm_call(outcome, started.elapsed());
+        self.metrics.llm_call(outcome, started.elapsed());
         match outcome {
             CallOutcome::Ok => permit.succeeded(),
             CallOutcome::RateLimited => permit.rate_limited(),
@@ -171,10 +242,12 @@ impl LlmClient {
         result
     }
 
-    fn scrub(&self, text: &str) -> String {
+    /// A provider's text as instructd passes it on: without the API key (some providers echo
+    /// it), without NUL, at most [`text::MAX_MESSAGE_BYTES`].
+    fn describe(&self, text: &str) -> String {
         match &self.api_key {
-            Some(key) if key.len() >= 8 => text.replace(key.as_str(), "[redacted]"),
-            _ => text.to_owned(),
+            Some(key) if key.len() >= 8 => text::message(&text.replace(key.as_str(), "[redacted]")),
+            _ => text::message(text),
         }
     }
 }
@@ -210,24 +283,51 @@ fn parse_completion(raw: Value) -> Result<Completion, TransportError> {
 
 /// Some servers leave `total_tokens` at 0: the job's token budget counts the parts then.
 fn complete_total(mut usage: Usage) -> Usage {
-    usage.total_tokens = usage.total_tokens.max(usage.prompt_tokens + usage.completion_tokens);
+    usage.total_tokens = usage.total_tokens.max(usage.prompt_tokens.saturating_add(usage.completion_tokens));
     usage
 }
 
 /// Executes one HTTP request for async-openai. Unlike async-openai's default executor it
-/// does not retry, and a non-2xx answer becomes a [`HttpFailure`] that keeps the status
-/// and `Retry-After` for [`super::retry`].
-async fn transport(http: reqwest::Client, factory: HttpRequestFactory) -> Result<reqwest::Response, OpenAIError> {
+/// does not retry, it reads at most `max_body` bytes of a response (a provider cannot make
+/// the daemon buffer without bound), and a non-2xx answer becomes a [`HttpFailure`] that keeps
+/// the status and `Retry-After` for [`super::retry`].
+async fn transport(
+    http: reqwest::Client,
+    factory: HttpRequestFactory,
+    max_body: usize,
+) -> Result<reqwest::Response, OpenAIError> {
     let request = factory.build().await?;
-    let response = http.execute(request).await.map_err(OpenAIError::Reqwest)?;
-    if response.status().is_success() {
-        return Ok(response);
+    let mut response = http.execute(request).await.map_err(OpenAIError::Reqwest)?;
+    let status = response.status();
+    if status.is_success() {
+        let mut rebuilt = http::Response::builder().status(status);
+        if let Some(headers) = rebuilt.headers_mut() {
+            *headers = response.headers().clone();
+        }
+        let body = read_body(&mut response, max_body)
+            .await?
+            .ok_or_else(|| OpenAIError::Boxed(Box::new(BodyTooLarge(max_body))))?;
+        let rebuilt = rebuilt.body(body).map_err(|e| OpenAIError::InvalidArgument(e.to_string()))?;
+        return Ok(reqwest::Response::from(rebuilt));
     }
-    let status = response.status().as_u16();
     let retry_after =
         response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
-    let body = response.text().await.unwrap_or_default();
-    Err(OpenAIError::Boxed(Box::new(HttpFailure { status, retry_after, message: provider_message(&body) })))
+    // Only the start of an error body is read: it is for the message.
+    let body = read_body(&mut response, MAX_ERROR_BODY_BYTES).await.ok().flatten().unwrap_or_default();
+    let message = provider_message(&String::from_utf8_lossy(&body));
+    Err(OpenAIError::Boxed(Box::new(HttpFailure { status: status.as_u16(), retry_after, message })))
+}
+
+/// The body of `response`, or `None` if it is over `max` bytes (reading stops there).
+async fn read_body(response: &mut reqwest::Response, max: usize) -> Result<Option<Vec<u8>>, OpenAIError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(OpenAIError::Reqwest)? {
+        if body.len() + chunk.len() > max {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
 }
 
 /// A non-2xx answer from the provider.
@@ -239,18 +339,16 @@ pub struct HttpFailure {
     pub message: String,
 }
 
-/// The provider's own error message (`{"error": {"message": …}}`), or the start of the body.
+/// The provider's own error message (`{"error": {"message": …}}`), or the start of the body;
+/// bounded either way.
 fn provider_message(body: &str) -> String {
-    serde_json::from_str::<Value>(body)
+    let message = serde_json::from_str::<Value>(body)
         .ok()
-        .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_owned))
-        .unwrap_or_else(|| body.chars().take(500).collect())
-}
-
-/// `Retry-After` in its delay-seconds form (providers do not send HTTP dates in practice).
-fn parse_retry_after(value: &str) -> Option<Duration> {
-    let secs: f64 = value.trim().parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+        .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_owned));
+    match message {
+        Some(message) => text::message(&message),
+        None => text::clip(body, 500).into_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -258,15 +356,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retry_after_takes_seconds() {
-        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_retry_after(" 0.5 "), Some(Duration::from_millis(500)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
-    }
-
-    #[test]
     fn provider_message_prefers_the_error_object() {
         assert_eq!(provider_message(r#"{"error":{"message":"bad key"}}"#), "bad key");
         assert_eq!(provider_message("upstream down"), "upstream down");
+        let echoed = format!(r#"{{"error":{{"message":"{}"}}}}"#, "x".repeat(300_000));
+        assert!(provider_message(&echoed).len() <= text::MAX_MESSAGE_BYTES);
     }
 }

@@ -3,9 +3,9 @@
 //! answer and what was wrong with it.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use serde_json::Value;
+use tokio::time::Instant;
 
 use super::client::{CallError, LlmClient};
 use super::modes::Strategy;
@@ -13,7 +13,6 @@ use super::tools::{Answer, to_openai_messages};
 use crate::config::{LlmSettings, ReaskHistory};
 use crate::contract::{ChatMessage, ErrorKind, JobError, Usage};
 use crate::entities::{EntityKind, Record};
-use crate::metrics;
 
 /// What one job asks of the model.
 pub struct Prompt<'a> {
@@ -26,6 +25,8 @@ pub struct Prompt<'a> {
     pub max_retries: u32,
     /// When the whole job (calls, re-asks, waits) must be over.
     pub deadline: Instant,
+    /// When the delivery must be handed back if the job is still waiting on the provider.
+    pub hold: Instant,
 }
 
 /// What the calls of a job cost and returned, kept on the job row whatever the outcome.
@@ -45,11 +46,23 @@ pub struct Generation {
     pub trace: CallTrace,
 }
 
+/// The provider stayed unavailable until the job's deadline or the delivery's hold: the job
+/// has no outcome, and runs again later.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ProviderUnavailable(pub String);
+
 /// Asks the model for one `prompt.kind` and validates the answer, re-asking with the
 /// validation error up to `prompt.max_retries` times. An answer cut off at the token limit
 /// (`finish_reason: length`) is re-asked once with a note, outside that budget; a second one
 /// fails the job with kind `llm`.
-pub async fn generate(client: &LlmClient, settings: &LlmSettings, prompt: Prompt<'_>) -> Generation {
+///
+/// Fails only with [`ProviderUnavailable`]: every other way a job can end is a [`Generation`].
+pub async fn generate(
+    client: &LlmClient,
+    settings: &LlmSettings,
+    prompt: Prompt<'_>,
+) -> Result<Generation, ProviderUnavailable> {
     let mut trace = CallTrace::default();
     let strategy = prompt.strategy;
     let start = strategy.conversation(to_openai_messages(prompt.messages));
@@ -69,7 +82,7 @@ pub async fn generate(client: &LlmClient, settings: &LlmSettings, prompt: Prompt
                         trace.attempts,
                         last_failure.as_deref().unwrap_or("none"),
                     );
-                    return Generation { outcome: Err(JobError::new(ErrorKind::Llm, message)), trace };
+                    return Ok(Generation { outcome: Err(JobError::new(ErrorKind::Llm, message)), trace });
                 }
                 // With a per-call cap, the answer may not spend more than is left either. Without
                 // one, none is sent: a cap above the model's own output limit is a 400.
@@ -83,12 +96,13 @@ pub async fn generate(client: &LlmClient, settings: &LlmSettings, prompt: Prompt
         trace.attempts += 1;
         tracing::Span::current().record("attempt", trace.attempts);
         let request = strategy.request(prompt.model, messages.clone(), max_tokens, settings.temperature);
-        let completion = match client.complete(&request, prompt.deadline).await {
+        let completion = match client.complete(&request, prompt.deadline, prompt.hold).await {
             Ok(completion) => completion,
-            Err(error) => return Generation { outcome: Err(call_failure(error)), trace },
+            Err(CallError::Unavailable { last }) => return Err(ProviderUnavailable(last)),
+            Err(error) => return Ok(Generation { outcome: Err(call_failure(error)), trace }),
         };
         trace.usage += completion.usage;
-        metrics::tokens(&completion.usage);
+        client.metrics().tokens(&completion.usage);
         trace.responses.push(completion.raw.clone());
         let error = if completion.finish_reason.as_deref() == Some("length") {
             if cut_off {
@@ -99,7 +113,7 @@ pub async fn generate(client: &LlmClient, settings: &LlmSettings, prompt: Prompt
                     "the answer was cut off at the token limit twice (finish_reason: length); raise llm.max_tokens \
                      or ask for less"
                 };
-                return Generation { outcome: Err(JobError::new(ErrorKind::Llm, message)), trace };
+                return Ok(Generation { outcome: Err(JobError::new(ErrorKind::Llm, message)), trace });
             }
             cut_off = true;
             tracing::info!(attempt = trace.attempts, "answer cut off at the token limit; asking again");
@@ -107,20 +121,21 @@ pub async fn generate(client: &LlmClient, settings: &LlmSettings, prompt: Prompt
         } else {
             let verdict = match strategy.answer(&completion) {
                 Answer::Refused(reason) => {
-                    return Generation { outcome: Err(JobError::new(ErrorKind::Refused, reason)), trace };
+                    let reason = crate::text::message(&reason);
+                    return Ok(Generation { outcome: Err(JobError::new(ErrorKind::Refused, reason)), trace });
                 }
                 Answer::Invalid(why) => Err(why),
                 Answer::Arguments(arguments) => prompt.kind.hydrate(arguments),
             };
             match verdict {
-                Ok(record) => return Generation { outcome: Ok(record), trace },
+                Ok(record) => return Ok(Generation { outcome: Ok(record), trace }),
                 Err(error) => {
                     tracing::info!(attempt = trace.attempts, error = %error, "answer failed validation");
                     if reasks == prompt.max_retries {
                         break error;
                     }
                     reasks += 1;
-                    metrics::reask(prompt.kind.name());
+                    client.metrics().reask(prompt.kind.name());
                     error
                 }
             }
@@ -131,7 +146,7 @@ pub async fn generate(client: &LlmClient, settings: &LlmSettings, prompt: Prompt
         strategy.append_reask(&mut messages, &completion, last_failure.insert(error));
     };
     let message = format!("no valid answer after {} attempt(s); last error: {last_error}", trace.attempts);
-    Generation { outcome: Err(JobError::new(ErrorKind::Validation, message)), trace }
+    Ok(Generation { outcome: Err(JobError::new(ErrorKind::Validation, crate::text::message(&message))), trace })
 }
 
 /// What a re-ask says about an answer cut off at the token limit.

@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::metrics;
+use crate::metrics::Metrics;
 
 pub struct AdaptiveLimit {
     state: Mutex<State>,
     released: Notify,
     max: usize,
+    metrics: Metrics,
 }
 
 #[derive(Debug)]
@@ -33,13 +34,14 @@ pub struct Permit {
 }
 
 impl AdaptiveLimit {
-    pub fn new(max: usize) -> Arc<Self> {
+    pub fn new(max: usize, metrics: Metrics) -> Arc<Self> {
         let max = max.max(1);
-        metrics::llm_concurrency_limit(max);
+        metrics.llm_concurrency_limit(max);
         Arc::new(Self {
             state: Mutex::new(State { limit: max, in_flight: 0, successes: 0, epoch: 0 }),
             released: Notify::new(),
             max,
+            metrics,
         })
     }
 
@@ -87,7 +89,7 @@ impl Permit {
         };
         if let Some(limit) = raised {
             tracing::info!(limit, "LLM concurrency limit raised");
-            metrics::llm_concurrency_limit(limit);
+            self.limit.metrics.llm_concurrency_limit(limit);
         }
     }
 
@@ -107,7 +109,7 @@ impl Permit {
         };
         if let Some(limit) = lowered {
             tracing::warn!(limit, "the provider is rate limiting; LLM concurrency limit lowered");
-            metrics::llm_concurrency_limit(limit);
+            self.limit.metrics.llm_concurrency_limit(limit);
         }
     }
 }
@@ -125,7 +127,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_burst_of_429s_halves_once_per_round_and_successes_raise_it_again() {
-        let limit = AdaptiveLimit::new(8);
+        let limit = AdaptiveLimit::new(8, Metrics::new([]));
         // Eight calls in flight all get a 429: one halving, not eight.
         let mut permits = Vec::new();
         for _ in 0..8 {
@@ -155,7 +157,7 @@ mod tests {
 
     #[tokio::test]
     async fn callers_over_the_limit_wait_for_a_slot() {
-        let limit = AdaptiveLimit::new(1);
+        let limit = AdaptiveLimit::new(1, Metrics::new([]));
         let first = limit.acquire().await;
         let waiter = tokio::spawn({
             let limit = limit.clone();

@@ -2,6 +2,7 @@
 //! [`retry`], [`limit`]), how the schema is sent and the answer read back in each mode ([`modes`],
 //! [`tools`], [`strict`]), and the generate-validate-re-ask loop of a job ([`generate`]).
 
+pub mod circuit;
 pub mod client;
 pub mod generate;
 pub mod limit;

@@ -1,16 +1,21 @@
-//! The one transport retry policy: exponential backoff with jitter on 429, 5xx, timeouts
-//! and connection errors, honouring `Retry-After`, bounded by attempts, by total time and
-//! by the job's deadline. Validation re-asks are a separate loop (`generate.rs`); a
-//! transport error is never shown to the model.
+//! The one transport retry policy: what a failed HTTP call to the provider was, whether
+//! calling again may succeed, and how long to wait first (exponential backoff with jitter,
+//! or the provider's `Retry-After`, both capped). How long to keep trying is the job's
+//! business (its deadline, [`super::client`]); validation re-asks are a separate loop
+//! (`generate.rs`), and a transport error is never shown to the model.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_openai::error::OpenAIError;
-use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use backon::{BackoffBuilder, ExponentialBuilder};
 
 use super::client::HttpFailure;
 use crate::config::LlmSettings;
 use crate::metrics::CallOutcome;
+
+/// The longest `Retry-After` that is read as given: a larger (or absurd, `1e20`) value is
+/// clamped here first, then to `llm.transport_max_delay_secs`.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -29,12 +34,14 @@ pub enum TransportError {
     Connect(String),
     #[error("{0}")]
     Malformed(String),
-    #[error("the job's deadline passed")]
+    /// The time the caller allowed ran out before the call could be made or finish.
+    #[error("out of time")]
     Deadline,
 }
 
 impl TransportError {
-    /// Whether trying the same call again may succeed.
+    /// Whether trying the same call again may succeed: the provider (or the way to it) failed,
+    /// not the request.
     pub fn is_retryable(&self) -> bool {
         match self {
             TransportError::Http { status, .. } => *status == 408 || *status == 429 || *status >= 500,
@@ -42,9 +49,7 @@ impl TransportError {
             TransportError::Malformed(_) | TransportError::Deadline => false,
         }
     }
-}
 
-impl TransportError {
     /// The call's outcome as the `instructd_llm_calls_total` metric labels it.
     pub fn outcome(&self) -> CallOutcome {
         match self {
@@ -68,7 +73,10 @@ impl From<OpenAIError> for TransportError {
                     retry_after: failure.retry_after,
                     message: failure.message,
                 },
-                Err(other) => TransportError::Connect(other.to_string()),
+                Err(other) => match other.downcast::<BodyTooLarge>() {
+                    Ok(too_large) => TransportError::Malformed(too_large.to_string()),
+                    Err(other) => TransportError::Connect(other.to_string()),
+                },
             },
             OpenAIError::Reqwest(e) if e.is_timeout() => TransportError::Timeout(Duration::ZERO),
             OpenAIError::Reqwest(e) => TransportError::Connect(error_chain(&e)),
@@ -77,6 +85,11 @@ impl From<OpenAIError> for TransportError {
         }
     }
 }
+
+/// A response body over `llm.max_response_bytes`.
+#[derive(Debug, thiserror::Error)]
+#[error("the provider's response is over llm.max_response_bytes ({0} bytes)")]
+pub struct BodyTooLarge(pub usize);
 
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -95,34 +108,62 @@ impl RetryPolicy {
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(settings.transport_min_delay_ms))
             .with_max_delay(max_delay)
-            .with_max_times(settings.transport_max_attempts.saturating_sub(1) as usize)
-            .with_total_delay(Some(Duration::from_secs(settings.transport_max_elapsed_secs)))
+            .without_max_times()
             .with_jitter();
         Self { backoff, max_delay }
     }
 
-    /// Runs `call` until it succeeds, fails for good, or the budget or `deadline` is spent.
-    pub async fn run<T, F, Fut>(&self, deadline: Instant, call: F) -> Result<T, TransportError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, TransportError>>,
-    {
-        let max_delay = self.max_delay;
-        call.retry(self.backoff.build())
-            .sleep(tokio::time::sleep)
-            .when(TransportError::is_retryable)
-            // The provider's Retry-After wins over our own backoff (capped, so that a
-            // hostile header cannot park a job), and no wait may outlive the deadline.
-            .adjust(move |error, planned| {
-                let planned = planned?;
-                let wanted = match error {
-                    TransportError::Http { retry_after: Some(after), .. } => (*after).min(max_delay.max(planned)),
-                    _ => planned,
-                };
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                (wanted < remaining).then_some(wanted)
-            })
-            .notify(|error, wait| tracing::warn!(error = %error, wait = ?wait, "LLM call failed; retrying"))
-            .await
+    /// The waits between one job's attempts, growing to `llm.transport_max_delay_secs`.
+    pub fn delays(&self) -> impl Iterator<Item = Duration> + use<> {
+        self.backoff.build()
+    }
+
+    /// How long to wait after `error` when the backoff planned `planned`: the provider's
+    /// `Retry-After` wins (so a rate limit is honoured), capped at the longer of the two and
+    /// `llm.transport_max_delay_secs`, so that a hostile header cannot park a job.
+    pub fn wait_after(&self, error: &TransportError, planned: Duration) -> Duration {
+        match error {
+            TransportError::Http { retry_after: Some(after), .. } => (*after).min(self.max_delay.max(planned)),
+            _ => planned,
+        }
+    }
+}
+
+/// `Retry-After` in its delay-seconds form (providers do not send HTTP dates in practice),
+/// clamped to [`MAX_RETRY_AFTER`]: `Duration::from_secs_f64` panics on values it cannot hold.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let secs: f64 = value.trim().parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(MAX_RETRY_AFTER.as_secs_f64())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_and_clamps_what_no_duration_can_hold() {
+        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after(" 0.5 "), Some(Duration::from_millis(500)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("1e20"), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("1e400"), None, "infinite");
+        assert_eq!(parse_retry_after("-1"), None);
+        assert_eq!(parse_retry_after("NaN"), None);
+    }
+
+    #[test]
+    fn retry_after_wins_over_the_backoff_but_is_capped() {
+        let settings = crate::config::Settings::load_from(None, Default::default()).unwrap();
+        let policy = RetryPolicy::from_settings(&settings.llm);
+        let limited = |after: u64| TransportError::Http {
+            status: 429,
+            retry_after: Some(Duration::from_secs(after)),
+            message: String::new(),
+        };
+        let planned = Duration::from_millis(500);
+        assert_eq!(policy.wait_after(&limited(3), planned), Duration::from_secs(3));
+        assert_eq!(policy.wait_after(&limited(86_400), planned), Duration::from_secs(20), "capped");
+        assert_eq!(policy.wait_after(&TransportError::Timeout(Duration::ZERO), planned), planned);
+        assert!(policy.delays().take(100).all(|delay| delay <= Duration::from_secs(40)), "jitter at most doubles");
     }
 }

@@ -76,7 +76,9 @@ impl ToolSpec {
             }
             None => Answer::Invalid(format!(
                 "the function `{}` was called instead of `{}`; call `{}`",
-                calls[0].function.name, self.name, self.name
+                crate::text::quoted(&calls[0].function.name),
+                self.name,
+                self.name
             )),
         }
     }

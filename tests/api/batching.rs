@@ -10,7 +10,7 @@ use futures_util::future::join_all;
 use instructd::contract::{ErrorKind, JobError};
 use instructd::entities::{Record, Registry};
 use instructd::llm::CallTrace;
-use instructd::store::{Claim, JobRecord, Outcome, Store, is_transient};
+use instructd::store::{Claim, DbFault, JobRecord, Outcome, Store, StoreSettings, classify};
 use migration::MigratorTrait;
 use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
 use serde_json::{Value, json};
@@ -18,15 +18,20 @@ use uuid::Uuid;
 
 use crate::helpers::create_database;
 
-const LEASE: Duration = Duration::from_secs(60);
+/// A store on a fresh, migrated database, as worker `worker_id`.
+pub async fn store_as(db: sea_orm::DatabaseConnection, worker_id: i64) -> Store {
+    let settings =
+        StoreSettings { worker_id, takeover_after: Duration::from_secs(4), max_responses_bytes: 1024 * 1024 };
+    Store::new(db, settings)
+}
 
 async fn store() -> Store {
     let db = Database::connect(create_database().await).await.expect("the test database is reachable");
     migration::Migrator::up(&db, None).await.expect("migrations apply");
-    Store::new(db)
+    store_as(db, 1).await
 }
 
-fn job<'a>(job_id: Uuid, request: &'a Value) -> JobRecord<'a> {
+pub fn job<'a>(job_id: Uuid, request: &'a Value) -> JobRecord<'a> {
     JobRecord {
         job_id,
         entity: "hero",
@@ -38,49 +43,62 @@ fn job<'a>(job_id: Uuid, request: &'a Value) -> JobRecord<'a> {
     }
 }
 
-fn hero(name: &str) -> Arc<dyn Record> {
+pub fn hero(name: &str) -> Arc<dyn Record> {
     let registry = Registry::builtin();
     let answer = json!({"name": name, "secret_name": "Someone"}).to_string();
     registry.get("hero").expect("hero is registered").hydrate(&answer).expect("a valid hero")
 }
 
-async fn acquire(store: &Store, job_id: Uuid, request: &Value) -> Uuid {
-    match store.claim_job(&job(job_id, request), LEASE).await.expect("claiming works") {
-        Claim::Acquired { token } => token,
+pub async fn acquire(store: &Store, job_id: Uuid, request: &Value) -> Uuid {
+    match store.claim_job(&job(job_id, request)).await.expect("claiming works") {
+        Claim::Acquired { token, .. } => token,
         other => panic!("expected to acquire job {job_id}, got {other:?}"),
     }
 }
 
-async fn count(store: &Store, sql: &str) -> i64 {
+pub async fn count(store: &Store, sql: &str) -> i64 {
     let row = store.db().query_one_raw(Statement::from_string(DbBackend::Postgres, sql)).await.unwrap().unwrap();
     row.try_get_by_index(0).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn of_many_simultaneous_claims_on_one_job_exactly_one_acquires() {
-    let store = store().await;
+    // Ten live workers (each holds its session lock and writes its heartbeat) claim one job
+    // at once; a worker claims a job once (it knows what it runs).
+    let url = create_database().await;
+    let db = Database::connect(url.as_str()).await.expect("the test database is reachable");
+    migration::Migrator::up(&db, None).await.expect("migrations apply");
+    let mut workers = Vec::new();
+    for worker_id in 100..110 {
+        let mut session = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.unwrap();
+        instructd::store::presence::lock(&mut session, worker_id).await.unwrap();
+        instructd::store::presence::heartbeat(&mut session, worker_id).await.unwrap();
+        workers.push((store_as(db.clone(), worker_id).await, session));
+    }
     let request = json!({"entity": "hero"});
     let job_id = Uuid::new_v4();
-    let claims = join_all((0..50).map(|_| async { store.claim_job(&job(job_id, &request), LEASE).await })).await;
+    let claims =
+        join_all(workers.iter().map(|(store, _)| async { store.claim_job(&job(job_id, &request)).await })).await;
     let claims: Vec<Claim> = claims.into_iter().map(|claim| claim.expect("claiming works")).collect();
     let acquired = claims.iter().filter(|claim| matches!(claim, Claim::Acquired { .. })).count();
     assert_eq!(acquired, 1, "{claims:?}");
-    assert!(claims.iter().all(|claim| matches!(claim, Claim::Acquired { .. } | Claim::Busy { .. })), "{claims:?}");
+    assert!(claims.iter().all(|claim| matches!(claim, Claim::Acquired { .. } | Claim::Busy)), "{claims:?}");
 
     // Many different jobs at once: each is acquired, with a token of its own.
+    let store = &workers[0].0;
     let ids: Vec<Uuid> = (0..40).map(|_| Uuid::new_v4()).collect();
-    let claims = join_all(ids.iter().map(|id| async { store.claim_job(&job(*id, &request), LEASE).await })).await;
+    let claims = join_all(ids.iter().map(|id| async { store.claim_job(&job(*id, &request)).await })).await;
     let mut tokens: Vec<Uuid> = claims
         .into_iter()
         .map(|claim| match claim.expect("claiming works") {
-            Claim::Acquired { token } => token,
+            Claim::Acquired { token, takeovers: 0 } => token,
             other => panic!("a fresh job was not acquired: {other:?}"),
         })
         .collect();
     tokens.sort();
     tokens.dedup();
     assert_eq!(tokens.len(), 40);
-    assert_eq!(count(&store, "SELECT count(*) FROM generation_job WHERE status = 'running'").await, 41);
+    assert_eq!(count(store, "SELECT count(*) FROM generation_job WHERE status = 'running'").await, 41);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,13 +106,15 @@ async fn a_record_that_cannot_be_stored_fails_alone() {
     let store = store().await;
     let request = json!({"entity": "hero"});
     let trace = CallTrace { attempts: 1, ..Default::default() };
-    // Postgres text cannot hold a NUL character: this hero's row is refused.
-    let names = ["Ada", "Grace", "Bad\u{0}Name", "Edsger", "Barbara"];
+    // The fifth job's record is the second's, with the same primary key: whichever of the
+    // two is inserted second breaks the key, whether they share a batch or not.
+    let heroes = ["Ada", "Grace", "Edsger", "Barbara"].map(hero);
+    let records = [&heroes[0], &heroes[1], &heroes[2], &heroes[3], &heroes[1]];
     let mut jobs = Vec::new();
-    for name in names {
+    for record in records {
         let job_id = Uuid::new_v4();
         let token = acquire(&store, job_id, &request).await;
-        jobs.push((job_id, token, hero(name)));
+        jobs.push((job_id, token, record.clone()));
     }
     let finishes: Vec<_> = jobs
         .iter()
@@ -104,23 +124,25 @@ async fn a_record_that_cannot_be_stored_fails_alone() {
         .collect();
     let stored = join_all(finishes.iter().map(|finish| store.record(finish))).await;
 
-    for (name, stored) in names.iter().zip(&stored) {
+    let mut failed = Vec::new();
+    for (index, stored) in stored.iter().enumerate() {
         match stored {
-            Ok(Some(event)) => assert!(!name.contains('\0'), "{name:?} was stored: {event:?}"),
+            Ok(Some(_)) => {}
             Err(error) => {
-                assert!(name.contains('\0'), "{name:?} failed: {error}");
-                assert!(!is_transient(error), "a refused row is not worth retrying: {error}");
+                assert_eq!(classify(error), DbFault::Data, "a refused row is not worth retrying: {error}");
+                failed.push(index);
             }
-            Ok(None) => panic!("{name:?}: the claim is held, yet the outcome was dropped"),
+            Ok(None) => panic!("job {index}: the claim is held, yet the outcome was dropped"),
         }
     }
+    assert!(failed == [1] || failed == [4], "only one of the two jobs with the same record fails: {failed:?}");
     assert_eq!(count(&store, "SELECT count(*) FROM hero").await, 4);
     assert_eq!(count(&store, "SELECT count(*) FROM generation_job WHERE status = 'succeeded'").await, 4);
     assert_eq!(count(&store, "SELECT count(*) FROM event_outbox").await, 4);
     assert_eq!(count(&store, "SELECT count(*) FROM generation_job WHERE status = 'running'").await, 1);
 
     // The worker then fails that job instead; the claim still holds.
-    let (job_id, token, _) = &jobs[2];
+    let (job_id, token, _) = &jobs[failed[0]];
     let failure = JobError::new(ErrorKind::Internal, "the record could not be stored");
     let finish = store.finish(&job(*job_id, &request), *token, &Outcome { result: Err(&failure), trace: &trace });
     assert!(store.record(&finish).await.expect("a failure can be stored").is_some());
@@ -134,15 +156,9 @@ async fn an_outcome_is_stored_only_under_the_claim_that_holds() {
     let trace = CallTrace { attempts: 1, ..Default::default() };
     let job_id = Uuid::new_v4();
     let first = acquire(&store, job_id, &request).await;
-    // The first worker's lease runs out; another takes the job over.
-    store
-        .db()
-        .execute_unprepared(&format!(
-            "UPDATE generation_job SET lease_expires_at = now() - interval '1 second' WHERE job_id = '{job_id}'"
-        ))
-        .await
-        .unwrap();
-    let second = acquire(&store, job_id, &request).await;
+    // The first worker is gone (it never wrote a heartbeat); another takes the job over.
+    let other = store_as(store.db().clone(), 2).await;
+    let second = acquire(&other, job_id, &request).await;
     assert_ne!(first, second);
 
     let (late, current) = (hero("Late"), hero("Current"));
@@ -154,8 +170,14 @@ async fn an_outcome_is_stored_only_under_the_claim_that_holds() {
     assert_eq!(count(&store, "SELECT count(*) FROM hero").await, 1);
     assert_eq!(count(&store, "SELECT count(*) FROM hero WHERE name = 'Current'").await, 1);
 
-    // Claimed again once finished: nothing to generate.
-    assert_eq!(store.claim_job(&job(job_id, &request), LEASE).await.unwrap(), Claim::Finished);
+    // Claimed again once finished: nothing to generate, and the event as announced.
+    match store.claim_job(&job(job_id, &request)).await.unwrap() {
+        Claim::Finished { event: Some(event) } => {
+            assert_eq!(event.routing_key, "job.succeeded.hero");
+            assert_eq!(event.payload["record"]["name"], "Current");
+        }
+        other => panic!("expected the finished job's event, got {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

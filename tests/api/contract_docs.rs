@@ -56,7 +56,8 @@ fn the_documented_request_schema_accepts_exactly_what_the_daemon_accepts() {
         json!(["not", "an", "object"]),
     ];
     for body in bodies {
-        let accepted = decode(&serde_json::to_vec(&body).unwrap(), &BasicProperties::default(), &registry, &settings);
+        let accepted =
+            decode(&serde_json::to_vec(&body).unwrap(), &BasicProperties::default(), false, &registry, &settings);
         let documented = errors(&validator, &body);
         assert_eq!(
             accepted.is_ok(),

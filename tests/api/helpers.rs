@@ -38,6 +38,8 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 
 pub struct TestApp {
     pub settings: Settings,
+    /// Deletes the test's queues, exchange and database when the test ends, even by a panic.
+    leftovers: Leftovers,
     /// Where the daemon serves /healthz, /readyz and /metrics.
     pub http_addr: std::net::SocketAddr,
     pub llm: MockServer,
@@ -64,11 +66,14 @@ pub fn test_env(llm: &MockServer, database_url: &str) -> HashMap<String, String>
         ("INSTRUCTD__BROKER__REQUEST_QUEUE", format!("test.{suffix}.requests")),
         ("INSTRUCTD__BROKER__EVENTS_EXCHANGE", format!("test.{suffix}.events")),
         ("INSTRUCTD__BROKER__DEAD_LETTER_QUEUE", format!("test.{suffix}.dlq")),
+        ("INSTRUCTD__BROKER__DELAY_QUEUE", format!("test.{suffix}.delay")),
         ("INSTRUCTD__LLM__BASE_URL", format!("{}/v1", llm.uri())),
         ("INSTRUCTD__LLM__API_KEY", "sk-test-key-0123456789".to_owned()),
         ("INSTRUCTD__LLM__MODEL", "fake-model".to_owned()),
         ("INSTRUCTD__LLM__TRANSPORT_MIN_DELAY_MS", "10".to_owned()),
         ("INSTRUCTD__LLM__TRANSPORT_MAX_DELAY_SECS", "1".to_owned()),
+        // An open circuit probes the fake provider at least every 2 s.
+        ("INSTRUCTD__LLM__CIRCUIT_MAX_OPEN_SECS", "2".to_owned()),
         ("INSTRUCTD__WORKER__CONCURRENCY", "4".to_owned()),
         ("INSTRUCTD__WORKER__SHUTDOWN_GRACE_SECS", "10".to_owned()),
         ("INSTRUCTD__HTTP__LISTEN", "127.0.0.1:0".to_owned()),
@@ -113,6 +118,16 @@ pub async fn spawn_app_with(settings: Settings, llm: MockServer) -> TestApp {
 /// Like [`spawn_app_with`], with the test's event queue bound to the events exchange with
 /// `binding` only.
 pub async fn spawn_app_listening(settings: Settings, llm: MockServer, binding: &str) -> TestApp {
+    spawn_daemon(settings, llm, binding, None).await
+}
+
+/// Like [`spawn_app_with`], without waiting for the daemon's database, which the test reads
+/// through `db` (a way in of its own, for when the daemon's is cut or not ready).
+pub async fn spawn_app_unready(settings: Settings, llm: MockServer, db: DatabaseConnection) -> TestApp {
+    spawn_daemon(settings, llm, "#", Some(db)).await
+}
+
+async fn spawn_daemon(settings: Settings, llm: MockServer, binding: &str, db: Option<DatabaseConnection>) -> TestApp {
     init_test_logs();
     // Declare the topology and bind a queue to the events before the daemon runs, so no
     // event can be published before the test listens.
@@ -128,10 +143,26 @@ pub async fn spawn_app_listening(settings: Settings, llm: MockServer, binding: &
     let daemon = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
     }));
-    // The daemon's own way in (TLS and its CA file included).
-    let db = instructd::startup::connect_database(&settings).await.unwrap();
+    let leftovers = Leftovers::of(&settings);
+    let db = match db {
+        Some(db) => db,
+        None => {
+            // The daemon's own way in (TLS and its CA file included).
+            let db = instructd::startup::connect_database(&settings).await.unwrap();
+            // The daemon migrates its database before it works: wait for that (its heartbeat
+            // is written once it has), so that tests may read the tables at once.
+            let ready = wait_for(|| async {
+                let (_, body) = http_get(&format!("http://{http_addr}/readyz")).await.unwrap_or_default();
+                body.contains(r#""database":"up""#)
+            })
+            .await;
+            assert!(ready, "the daemon's database is ready");
+            db
+        }
+    };
     TestApp {
         settings,
+        leftovers,
         http_addr,
         llm,
         db,
@@ -242,6 +273,18 @@ impl TestApp {
         next_message_within(&mut self.events, patience).await
     }
 
+    /// The next completion event if one arrives within `patience` (to check that none does).
+    pub async fn try_next_event(&mut self, patience: Duration) -> Option<Received> {
+        let delivery = tokio::time::timeout(patience, self.events.next()).await.ok()?;
+        let delivery = delivery.expect("the consumer is open").expect("the delivery is readable");
+        Some(Received {
+            routing_key: delivery.routing_key.to_string(),
+            event: serde_json::from_slice(&delivery.data).expect("the message is a completion event"),
+            body: delivery.data,
+            properties: delivery.properties,
+        })
+    }
+
     /// The next dead letter, polled with `basic.get` until one arrives.
     pub async fn next_dead_letter(&self) -> lapin::message::BasicGetMessage {
         let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -322,6 +365,7 @@ impl TestApp {
             .env("INSTRUCTD__BROKER__REQUEST_QUEUE", &broker.request_queue)
             .env("INSTRUCTD__BROKER__EVENTS_EXCHANGE", &broker.events_exchange)
             .env("INSTRUCTD__BROKER__DEAD_LETTER_QUEUE", &broker.dead_letter_queue)
+            .env("INSTRUCTD__BROKER__DELAY_QUEUE", &broker.delay_queue)
             .env("INSTRUCTD__LOG__LEVEL", "warn")
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
@@ -338,20 +382,74 @@ impl TestApp {
     }
 
     /// Deletes what the test created, so a developer's broker and database do not fill up.
-    async fn clean_up(&self) {
-        let broker = &self.settings.broker;
-        for queue in [&broker.request_queue, &broker.dead_letter_queue] {
-            let _ = self.channel.queue_delete(queue.as_str().into(), Default::default()).await;
-        }
-        let _ = self.channel.exchange_delete(broker.events_exchange.as_str().into(), Default::default()).await;
+    async fn clean_up(&mut self) {
         let _ = self.db.clone().close().await;
-        let url = secrecy::ExposeSecret::expose_secret(&self.settings.database.url).to_owned();
-        if let Some((_, name)) = url.rsplit_once('/')
+        self.leftovers.delete().await;
+    }
+}
+
+/// What a test created on the shared broker and database: its queues, its exchange and its
+/// database. Deleted by [`Leftovers::delete`], or when dropped (a test that panicked), so that
+/// a developer's broker and database do not fill up.
+pub struct Leftovers {
+    queues: Vec<String>,
+    exchange: String,
+    database: Option<String>,
+}
+
+impl Leftovers {
+    pub fn of(settings: &Settings) -> Self {
+        let broker = &settings.broker;
+        let url = secrecy::ExposeSecret::expose_secret(&settings.database.url).to_owned();
+        let database = url.rsplit_once('/').map(|(_, name)| name.split('?').next().unwrap_or(name).to_owned());
+        Self {
+            queues: vec![broker.request_queue.clone(), broker.dead_letter_queue.clone(), broker.delay_queue.clone()],
+            exchange: broker.events_exchange.clone(),
+            database: database.filter(|name| name.starts_with("instructd_test_")),
+        }
+    }
+
+    /// Deletes them (once).
+    pub async fn delete(&mut self) {
+        let queues = std::mem::take(&mut self.queues);
+        let exchange = std::mem::take(&mut self.exchange);
+        if let Ok(connection) = Connection::connect(&broker_url(), ConnectionProperties::default()).await
+            && let Ok(channel) = connection.create_channel().await
+        {
+            for queue in queues {
+                let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
+            }
+            if !exchange.is_empty() {
+                let _ = channel.exchange_delete(exchange.as_str().into(), Default::default()).await;
+            }
+            let _ = connection.close(200, "test over".into()).await;
+        }
+        if let Some(name) = self.database.take()
             && let Ok(admin) = Database::connect(admin_database_url().as_str()).await
         {
             let _ = admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
             let _ = admin.close().await;
         }
+    }
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        if self.queues.is_empty() && self.database.is_none() {
+            return;
+        }
+        let mut rest = Leftovers {
+            queues: std::mem::take(&mut self.queues),
+            exchange: std::mem::take(&mut self.exchange),
+            database: self.database.take(),
+        };
+        // Drop cannot await, and may run on a runtime's thread: a thread and a runtime of its own.
+        let deleting = std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                runtime.block_on(rest.delete());
+            }
+        });
+        let _ = deleting.join();
     }
 }
 
@@ -460,5 +558,76 @@ fn init_test_logs() {
             format: instructd::config::LogFormat::Pretty,
             level: "info,instructd=debug,sqlx=warn".to_owned(),
         });
+    }
+}
+
+/// A TCP proxy to `target` that a test can cut: while cut, each connection is accepted and
+/// closed at once, and the connections it carried are closed.
+/// Stands in for a provider or a database that goes away and comes back.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    state: std::sync::Arc<ProxyState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct ProxyState {
+    open: std::sync::atomic::AtomicBool,
+    /// Connections attempted while cut.
+    refused: std::sync::atomic::AtomicUsize,
+    cuts: tokio::sync::watch::Sender<u64>,
+}
+
+impl Proxy {
+    pub async fn start(target: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = std::sync::Arc::new(ProxyState {
+            open: true.into(),
+            refused: 0.into(),
+            cuts: tokio::sync::watch::channel(0).0,
+        });
+        let task = tokio::spawn({
+            let state = state.clone();
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if !state.open.load(Ordering::SeqCst) {
+                        state.refused.fetch_add(1, Ordering::SeqCst);
+                        drop(inbound);
+                        continue;
+                    }
+                    let mut cut = state.cuts.subscribe();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = cut.changed() => {}
+                        }
+                    });
+                }
+            }
+        });
+        Self { addr, state, task }
+    }
+
+    /// From now on, connections are reset, and those open are closed.
+    pub fn cut(&self) {
+        self.state.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.state.cuts.send_modify(|n| *n += 1);
+    }
+
+    pub fn restore(&self) {
+        self.state.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Connections attempted while cut.
+    pub fn refused(&self) -> usize {
+        self.state.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

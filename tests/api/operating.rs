@@ -19,7 +19,10 @@ async fn health_readiness_and_metrics_report_a_real_run() {
     answer_always(&app.llm, tool_call_completion("Hero", GOOD)).await;
     assert!(wait_for(|| async { app.get("/readyz").await.0 == 200 }).await, "the daemon becomes ready");
     let (status, body) = app.get("/readyz").await;
-    assert_eq!((status, body.as_str()), (200, r#"{"ready":true,"broker":"up","database":"up","draining":false}"#));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"ready":true,"broker":"up","database":"up","llm":"closed","draining":false}"#)
+    );
     assert_eq!(app.get("/healthz").await.0, 200);
 
     app.publish(&request("hero", "Make a hero")).await;

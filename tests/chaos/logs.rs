@@ -90,23 +90,37 @@ async fn an_auth_failure_on_any_side_prints_no_secret() {
     assert!(text.contains(&format!("llm.api_key: file {}", key_file.display())), "{text}");
     assert_no_secret("instructd config", &text);
 
-    // Postgres refuses the password: start-up and `migrate` fail, saying so without it.
-    for command in ["run", "migrate"] {
-        let output = run(&[command], &[("INSTRUCTD__DATABASE__URL", &wrong_db)]);
-        assert!(!output.status.success(), "{command} with a wrong database password fails");
-        let text = printed(&output);
-        assert!(text.contains("password authentication failed"), "{command}: {text}");
-        assert!(text.contains(":***@"), "{command} shows the URL redacted: {text}");
-        assert_no_secret(&format!("instructd {command} (database refused)"), &text);
-    }
+    // Postgres refuses the password: `migrate` fails, saying so without it.
+    let output = run(&["migrate"], &[("INSTRUCTD__DATABASE__URL", &wrong_db)]);
+    assert!(!output.status.success(), "migrate with a wrong database password fails");
+    let text = printed(&output);
+    assert!(text.contains("password authentication failed"), "migrate: {text}");
+    assert!(text.contains(":***@"), "migrate shows the URL redacted: {text}");
+    assert_no_secret("instructd migrate (database refused)", &text);
 
     // RabbitMQ refuses the password: `enqueue` fails, and the daemon keeps retrying.
     let output = run(&["enqueue", "--entity", "hero", "--prompt", "x"], &[("INSTRUCTD__BROKER__URL", &wrong_mq)]);
     assert_eq!(output.status.code(), Some(3), "nothing was enqueued");
     assert_no_secret("instructd enqueue (broker refused)", &printed(&output));
-    scenario.env.insert("INSTRUCTD__BROKER__URL".into(), wrong_mq.clone());
+    // The daemon waits (an orchestrator's crash loop would not help), says why, and stops
+    // cleanly.
+    scenario.env.insert("INSTRUCTD__DATABASE__URL".into(), wrong_db.clone());
     let mut daemon = scenario.start();
     let log_path = scenario.log_path(1);
+    let refused = wait_until(LONG, || {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        std::future::ready(log.matches("password authentication failed").count() >= 2)
+    })
+    .await;
+    assert!(refused, "the daemon logs the database's refusal, and retries");
+    stop_gracefully(&mut daemon, Duration::from_secs(30)).await;
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains(":***@"), "the URL is shown redacted: {log}");
+    assert_no_secret("the daemon's log (database refused)", &log);
+    scenario.env.insert("INSTRUCTD__DATABASE__URL".into(), scenario.database_url.clone());
+    scenario.env.insert("INSTRUCTD__BROKER__URL".into(), wrong_mq.clone());
+    let mut daemon = scenario.start();
+    let log_path = scenario.log_path(2);
     let refused = wait_until(LONG, || {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         std::future::ready(log.matches("ACCESS_REFUSED").count() >= 2)
@@ -133,7 +147,7 @@ async fn an_auth_failure_on_any_side_prints_no_secret() {
     assert!(bodies.contains("\"kind\":\"llm\"") && bodies.contains("401"), "{bodies}");
     assert!(bodies.contains("Incorrect API key: [redacted]"), "the provider's message is kept, redacted: {bodies}");
     assert_no_secret("the events", &bodies);
-    let log = std::fs::read_to_string(scenario.log_path(2)).unwrap();
+    let log = std::fs::read_to_string(scenario.log_path(3)).unwrap();
     assert!(log.contains("401"));
     assert_no_secret("the daemon's log (provider refused)", &log);
     let leaked = format!(

@@ -16,7 +16,7 @@ use wiremock::{MockServer, ResponseTemplate};
 
 pub use crate::helpers::wait_until;
 use crate::helpers::{
-    broker_url, create_database, instructd_binary, listen, respond_always, test_env, tool_call_completion,
+    Leftovers, broker_url, create_database, instructd_binary, listen, respond_always, test_env, tool_call_completion,
 };
 
 /// One scenario: a database, names, a slow fake LLM, and the daemon's environment.
@@ -31,6 +31,8 @@ pub struct Scenario {
     _connection: Connection,
     runs: u32,
     name: &'static str,
+    /// Deletes the scenario's queues, exchange and database when it ends.
+    _leftovers: Leftovers,
 }
 
 impl Scenario {
@@ -42,13 +44,24 @@ impl Scenario {
         let database_url = create_database().await;
         let mut env = test_env(&llm, &database_url);
         env.insert("INSTRUCTD__LOG__FORMAT".into(), "json".into());
-        env.insert("INSTRUCTD__WORKER__JOB_LEASE_SECS".into(), "3".into());
         for (key, value) in overrides {
             env.insert((*key).to_owned(), (*value).to_owned());
         }
         let settings = Settings::load_from(None, env.clone()).expect("valid settings");
         let (connection, channel, events) = Self::connect(&settings).await;
-        Self { env, settings, database_url, llm, channel, events, _connection: connection, runs: 0, name }
+        let leftovers = Leftovers::of(&settings);
+        Self {
+            env,
+            settings,
+            database_url,
+            llm,
+            channel,
+            events,
+            _connection: connection,
+            runs: 0,
+            name,
+            _leftovers: leftovers,
+        }
     }
 
     /// The test's side: a confirm-mode channel, the topology, and a queue bound to every event.

@@ -1,0 +1,186 @@
+//! Claiming a job id before generating it, so that a redelivered or duplicate request never
+//! generates twice, and handing a claim back.
+//!
+//! A claim names the worker that holds it (`claimed_by`, see [`super::presence`]). It is
+//! live while that worker's session holds its advisory lock *and* its heartbeat is fresh;
+//! otherwise the next delivery of the job takes it over at once: a killed worker's session
+//! ends with it (its lock is released within milliseconds), a frozen or unreachable one's
+//! heartbeat goes stale after `worker.takeover_after_secs`.
+
+use std::collections::HashMap;
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::{JobRecord, Store, StoreSettings, one_by_one, stmt};
+
+/// The result of trying to claim a job id.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// This worker owns the job until it records the outcome; `token` proves it.
+    /// `takeovers` counts the claims before this one whose worker was gone (killed, frozen,
+    /// cut off) before the job finished: the job's poison count.
+    Acquired { token: Uuid, takeovers: u32 },
+    /// The job already finished: nothing is generated; its event, as announced, answers this
+    /// delivery too (`None` for a job finished before events were kept on the row).
+    Finished { event: Option<StoredEvent> },
+    /// Another live worker holds the claim.
+    Busy,
+}
+
+/// A finished job's completion event, as it was announced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub payload: Value,
+    pub routing_key: String,
+}
+
+/// A claim waiting for its batch.
+pub struct ClaimRequest {
+    job_id: Uuid,
+    entity: String,
+    request: Value,
+}
+
+impl Store {
+    /// Claims `job.job_id` for this worker: inserts a `running` row, or takes over a running
+    /// row whose claim was handed back or whose worker is gone. Two workers racing on one id
+    /// serialize on the primary key; exactly one of them gets [`Claim::Acquired`].
+    ///
+    /// The caller must not be running the same job id itself: a claim held by this worker is
+    /// taken over too (it is one a panicked or interrupted run could not hand back).
+    pub async fn claim_job(&self, job: &JobRecord<'_>) -> Result<Claim, DbErr> {
+        let request = ClaimRequest { job_id: job.job_id, entity: job.entity.to_owned(), request: job.request.clone() };
+        self.claims.submit(request).await
+    }
+
+    /// Hands a claim back (the job is deferred or interrupted): the next delivery takes it
+    /// over at once, without counting a takeover. `false` if `token` no longer held it.
+    pub async fn release_claim(&self, job_id: Uuid, token: Uuid) -> Result<bool, DbErr> {
+        let result = self
+            .db
+            .execute_raw(stmt(
+                "UPDATE generation_job SET claim_token = NULL, claimed_by = NULL, updated_at = now()
+                  WHERE job_id = $1 AND claim_token = $2 AND status = 'running'",
+                [job_id.into(), token.into()],
+            ))
+            .await?;
+        Ok(result.rows_affected() == 1)
+    }
+}
+
+/// Claims a batch of jobs in one statement. A job id twice in the batch (the same request
+/// delivered twice at once) is claimed once; the other copy finds it busy.
+pub(super) async fn claim_batch(
+    db: &DatabaseConnection,
+    batch: Vec<ClaimRequest>,
+    settings: StoreSettings,
+) -> Vec<Result<Claim, DbErr>> {
+    match try_claim_batch(db, &batch, settings).await {
+        Ok(claims) => claims.into_iter().map(Ok).collect(),
+        Err(error) => {
+            one_by_one(&batch, error, |claim| try_claim_batch(db, std::slice::from_ref(claim), settings)).await
+        }
+    }
+}
+
+async fn try_claim_batch(
+    db: &DatabaseConnection,
+    batch: &[ClaimRequest],
+    settings: StoreSettings,
+) -> Result<Vec<Claim>, DbErr> {
+    let mut first = HashMap::with_capacity(batch.len());
+    let mut rows = Vec::with_capacity(batch.len());
+    for (i, claim) in batch.iter().enumerate() {
+        if first.insert(claim.job_id, i).is_none() {
+            rows.push(json!({
+                "job_id": claim.job_id,
+                "entity": claim.entity,
+                "request": claim.request,
+                "token": Uuid::new_v4(),
+            }));
+        }
+    }
+    // The statement's snapshot predates its own inserts and updates: a row the CTE claimed
+    // comes back through `claimed`; one it could not claim through `generation_job` as it
+    // was (`NULL` only if another transaction inserted it meanwhile: a claim just taken).
+    //
+    // A running row is taken over when its claim was handed back (no token), when it is this
+    // worker's own (the caller is not running it), when its worker is gone — no fresh
+    // heartbeat, or its session's advisory lock is free (`pg_try_advisory_xact_lock` takes
+    // it only if nobody holds it, and lets go at the end of this statement) — or, for a claim
+    // of an instructd from before heartbeats, when its lease expired.
+    let claimed = db
+        .query_all_raw(stmt(
+            "WITH batch AS (
+                SELECT * FROM jsonb_to_recordset($2) AS b(job_id uuid, entity text, request jsonb, token uuid)
+                 LIMIT $1
+             ), claimed AS (
+                INSERT INTO generation_job (job_id, entity, status, attempts, request, claim_token, claimed_by)
+                SELECT job_id, entity, 'running', 0, request, token, $3 FROM batch
+                ON CONFLICT (job_id) DO UPDATE
+                   SET claim_token = EXCLUDED.claim_token,
+                       claimed_by = EXCLUDED.claimed_by,
+                       takeovers = generation_job.takeovers
+                                   + CASE WHEN generation_job.claim_token IS NULL THEN 0 ELSE 1 END,
+                       lease_expires_at = NULL,
+                       updated_at = now()
+                 WHERE generation_job.status = 'running' AND (
+                          generation_job.claim_token IS NULL
+                       OR generation_job.claimed_by = $3
+                       OR (generation_job.claimed_by IS NULL AND generation_job.lease_expires_at < now())
+                       OR (generation_job.claimed_by IS NOT NULL AND (
+                              NOT EXISTS (SELECT 1 FROM worker
+                                           WHERE worker.worker_id = generation_job.claimed_by
+                                             AND worker.seen_at > now() - make_interval(secs => $4))
+                           OR pg_try_advisory_xact_lock(generation_job.claimed_by))))
+                RETURNING job_id, claim_token, takeovers
+             )
+             SELECT batch.job_id, claimed.claim_token, claimed.takeovers, job.status, job.event,
+                    job.event_routing_key
+               FROM batch
+               LEFT JOIN claimed ON claimed.job_id = batch.job_id
+               LEFT JOIN generation_job job ON job.job_id = batch.job_id",
+            [
+                (rows.len() as i64).into(),
+                Value::Array(rows).into(),
+                settings.worker_id.into(),
+                settings.takeover_after.as_secs_f64().into(),
+            ],
+        ))
+        .await?;
+    let mut by_job = HashMap::with_capacity(claimed.len());
+    for row in &claimed {
+        let job_id: Uuid = row.try_get("", "job_id")?;
+        let token: Option<Uuid> = row.try_get("", "claim_token")?;
+        let takeovers: Option<i32> = row.try_get("", "takeovers")?;
+        let status: Option<String> = row.try_get("", "status")?;
+        let claim = match (token, status.as_deref()) {
+            (Some(token), _) => Claim::Acquired { token, takeovers: takeovers.unwrap_or(0).max(0) as u32 },
+            (None, Some("running") | None) => Claim::Busy,
+            (None, Some(_)) => {
+                let payload: Option<Value> = row.try_get("", "event")?;
+                let routing_key: Option<String> = row.try_get("", "event_routing_key")?;
+                let event = payload.zip(routing_key).map(|(payload, routing_key)| StoredEvent { payload, routing_key });
+                Claim::Finished { event }
+            }
+        };
+        by_job.insert(job_id, claim);
+    }
+    batch
+        .iter()
+        .enumerate()
+        .map(|(i, claim)| {
+            let result = by_job
+                .get(&claim.job_id)
+                .cloned()
+                .ok_or_else(|| DbErr::Custom(format!("claiming job {} returned no row", claim.job_id)))?;
+            Ok::<_, DbErr>(match result {
+                // A second copy of a job this batch claims is busy like any other duplicate.
+                Claim::Acquired { .. } if first[&claim.job_id] != i => Claim::Busy,
+                other => other,
+            })
+        })
+        .collect()
+}
