@@ -9,27 +9,34 @@
 //! 1. **receive** — [`decode`] turns the delivery into a [`decode::Job`], or a rejection
 //!    that goes to the dead-letter queue with its reason;
 //! 2. **claim** — [`store::Store::claim_job`] takes the job id in `generation_job`, so a
-//!    redelivered or duplicate request never generates twice;
+//!    redelivered or duplicate request never generates twice (a claim whose worker is gone
+//!    is taken over at once: [`presence`]);
 //! 3. **generate** — [`llm::generate`] calls the model in tools mode, retrying transport
-//!    failures ([`llm::retry`]) and re-asking with the validation error;
+//!    failures ([`llm::retry`]) while the provider's circuit allows ([`llm::circuit`]) and
+//!    re-asking with the validation error;
 //! 4. **validate and hydrate** — [`entities::EntityKind::hydrate`] parses the answer into
 //!    the entity, filling server-owned fields;
 //! 5. **store** — [`store::Store::record`] writes entity + job + event (outbox) in one
 //!    transaction (shared with other jobs finishing at the same moment: [`batch`]);
-//! 6. **acknowledge**, then **announce** — the event is published with publisher confirms;
-//!    [`relay`] publishes whatever was committed but not confirmed.
+//! 6. **acknowledge** (or dead-letter, defer, requeue: [`worker::disposition`] decides from
+//!    how the run ended), then **announce** — the event is published with publisher
+//!    confirms; [`relay`] publishes whatever was committed but not confirmed.
 //!
 //! ## Modules
 //! - [`config`] — typed, layered settings; secrets redacted.
 //! - [`telemetry`] — logs, one span per job.
 //! - [`contract`] — the request and event shapes other services depend on.
 //! - [`broker`] — connections, topology, consumer, publisher.
-//! - [`llm`] — provider client, retry policy, tools mode, re-ask loop.
+//! - [`llm`] — provider client, retry policy, circuit breaker, tools mode, re-ask loop.
 //! - [`entities`] — the registry of generated entities.
-//! - [`store`] — claims, outcomes and the outbox in Postgres.
+//! - [`store`] — all the SQL: claims, outcomes, the outbox, presence, retention, and what a
+//!   database error means.
 //! - [`batch`] — group commits: concurrent jobs' writes in shared statements.
 //! - [`relay`] — the outbox relay.
-//! - [`startup`] — build and run: supervisor, consumer loop, drain.
+//! - [`presence`] — this daemon's heartbeat and session lock; the database's state.
+//! - [`retention`] — pruning what is old.
+//! - [`text`] — bounds on every text that leaves instructd.
+//! - [`startup`] — build and run: database wait, supervisor, consumer loop, drain.
 //! - [`http`] — `/healthz`, `/readyz`, `/metrics`.
 //! - [`metrics`] — every exported metric, named and described in one place.
 //! - [`shutdown`] — signals.

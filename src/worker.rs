@@ -2,7 +2,7 @@
 //! receive → claim → generate (with re-ask) → validate and hydrate → store (entity + job +
 //! event, one transaction) → acknowledge → announce.
 //!
-//! The job's run ([`Worker::work`]) ends in an [`Ending`]; what becomes of the delivery —
+//! The job's run (`Worker::work`) ends in an [`Ending`]; what becomes of the delivery —
 //! ack, dead-letter, defer, requeue — is a plain function of it ([`disposition`]), which the
 //! async code only carries out.
 

@@ -131,3 +131,21 @@ async fn a_burst_of_429s_lowers_the_concurrency_limit_and_successes_raise_it_aga
     assert!((2.0..=4.0).contains(&raised), "raised again: {raised}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_server_errors_in_a_row_do_not_fail_the_job() {
+    let mut app = spawn_app().await;
+    for status in [500, 502, 503, 504, 500, 429] {
+        respond_once(&app.llm, ResponseTemplate::new(status).insert_header("retry-after", "0")).await;
+    }
+    answer_always(&app.llm, tool_call_completion("Hero", GOOD)).await;
+
+    app.publish(&request("hero", "Make a hero")).await;
+    let received = app.next_event().await;
+
+    // (It used to fail after four attempts, in under three seconds.)
+    assert_eq!(received.routing_key, "job.succeeded.hero", "{:?}", received.event.error);
+    assert_eq!(received.event.attempts, 1, "transport retries are not re-asks");
+    assert_eq!(app.llm_requests().await.len(), 7);
+    app.stop().await;
+}

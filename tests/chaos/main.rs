@@ -8,6 +8,8 @@
 mod helpers;
 mod support;
 
+mod crashes;
 mod faults;
 mod logs;
+mod outages;
 mod scale;
