@@ -168,7 +168,10 @@ async fn connect(options: &PgConnectOptions, worker_id: i64, every: Duration) ->
         presence::lock(&mut connection, worker_id).await?;
         Ok(connection)
     };
-    tokio::time::timeout(patience, connect).await.unwrap_or_else(|_| Err(sqlx::Error::PoolTimedOut))
+    tokio::time::timeout(patience, connect).await.unwrap_or_else(|_| {
+        let why = format!("no connection within {patience:?}");
+        Err(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, why)))
+    })
 }
 
 /// What a failed presence statement says of the database, classified as the jobs' own

@@ -42,6 +42,7 @@ pub struct Application {
     worker: Arc<Worker>,
     health: Arc<Health>,
     presence: Presence,
+    presence_options: PgConnectOptions,
     listener: TcpListener,
     http_addr: SocketAddr,
     metrics: Metrics,
@@ -127,6 +128,7 @@ impl Application {
         let listener = http::bind(settings.http.listen).await?;
         let http_addr = listener.local_addr()?;
         let db = connect_pool(&settings, settings.database.max_connections, true).await?;
+        let presence_options = presence_options(&settings)?;
         let registry = Registry::builtin();
         let strategies =
             Strategies::new(&registry, settings.llm.strict).map_err(|why| anyhow::anyhow!("llm.strict: {why}"))?;
@@ -145,7 +147,7 @@ impl Application {
         let worker = Worker::new(Arc::new(settings), registry, store, llm.clone(), strategies, metrics.clone());
         let health =
             Arc::new(Health::new(presence.clone(), llm, max_disconnected, worker.stop.clone(), metrics.clone()));
-        Ok(Self { worker: Arc::new(worker), health, presence, listener, http_addr, metrics })
+        Ok(Self { worker: Arc::new(worker), health, presence, presence_options, listener, http_addr, metrics })
     }
 
     /// Where `/healthz`, `/readyz` and `/metrics` are served (`http.listen`, with the port
@@ -164,7 +166,7 @@ impl Application {
     /// `worker.shutdown_grace_secs`, flushes the outbox and returns, a few seconds after the
     /// grace period at the latest. Outages do not end it: it waits and reconnects.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Self { worker, health, presence, listener, http_addr, metrics } = self;
+        let Self { worker, health, presence, presence_options, listener, http_addr, metrics } = self;
         let stop = worker.stop.clone();
         // The endpoint and the heartbeat outlive the drain: /readyz says "draining"
         // meanwhile, and the jobs still finishing keep their claims.
@@ -187,9 +189,8 @@ impl Application {
 
         let mut background = Vec::new();
         if wait_for_database(&worker, &presence).await {
-            let options = presence_options(&worker.settings)?;
             let every = Duration::from_secs(worker.settings.worker.heartbeat_secs);
-            background.push(tokio::spawn(presence.clone().run(options, every, presence_stop.clone())));
+            background.push(tokio::spawn(presence.clone().run(presence_options, every, presence_stop.clone())));
             // Claims name this worker: none is taken before its heartbeat is written.
             if presence.wait_until_up(&stop).await {
                 background.push(tokio::spawn(retention::run(

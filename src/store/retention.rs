@@ -16,6 +16,9 @@ pub const BATCH: i64 = 1000;
 /// The advisory lock a pruning batch holds ("instprun" in ASCII).
 const RETENTION_LOCK: i64 = 0x696e_7374_7072_756e;
 
+/// Between two full batches.
+const PAUSE: Duration = Duration::from_millis(100);
+
 /// A worker's row is removed this long after its last heartbeat (its claims were taken over
 /// long before: see [`super::claims`]).
 const GONE_WORKERS: Duration = Duration::from_secs(3600);
@@ -87,6 +90,9 @@ pub async fn prune(db: &DatabaseConnection, retention: &RetentionSettings) -> Re
             if rows < BATCH as u64 {
                 break;
             }
+            // A backlog (the first pass after an upgrade, say) is worked off in small steps
+            // that leave the database to the jobs in between.
+            tokio::time::sleep(PAUSE).await;
         }
     }
     let gone = db
