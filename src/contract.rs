@@ -115,8 +115,16 @@ impl ErrorKind {
 }
 
 impl JobError {
+    /// An error whose message is bounded and clean ([`crate::text::message`]): it is quoted in
+    /// an event, the job row, a dead letter's header and the logs.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        let message = message.into();
+        let message = if message.len() > crate::text::MAX_MESSAGE_BYTES || message.contains('\0') {
+            crate::text::message(&message)
+        } else {
+            message
+        };
+        Self { kind, message }
     }
 }
 

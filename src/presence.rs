@@ -108,7 +108,7 @@ impl Presence {
         let max_delay = Duration::from_secs(10);
         while !stop.is_cancelled() {
             let connected = tokio::select! {
-                connected = connect(&options, worker_id, every) => connected,
+                connected = connect(&options, every) => connected,
                 _ = stop.cancelled() => return,
             };
             let mut connection = match connected {
@@ -124,6 +124,7 @@ impl Presence {
                 }
             };
             delay = Duration::from_millis(250);
+            let mut locked = false;
             // The first heartbeat at once, then every `every`.
             let mut beat = tokio::time::interval(every);
             beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -140,7 +141,20 @@ impl Presence {
                     }
                 }
                 let patience = every.max(Duration::from_secs(2));
-                match tokio::time::timeout(patience, presence::heartbeat(&mut connection, worker_id)).await {
+                let beat = async {
+                    if !locked {
+                        locked = presence::lock(&mut connection, worker_id).await?;
+                        if !locked {
+                            tracing::warn!(
+                                worker_id,
+                                "an earlier session of this worker still holds its lock (the server has not noticed it \
+                                 is gone); trying again at the next heartbeat"
+                            );
+                        }
+                    }
+                    presence::heartbeat(&mut connection, worker_id).await
+                };
+                match tokio::time::timeout(patience, beat).await {
                     Ok(Ok(())) => self.report(DbState::Up),
                     Ok(Err(error)) => {
                         let state = state_of(error);
@@ -160,15 +174,10 @@ impl Presence {
     }
 }
 
-/// Opens the presence session and takes the worker's lock.
-async fn connect(options: &PgConnectOptions, worker_id: i64, every: Duration) -> Result<PgConnection, sqlx::Error> {
+/// Opens the presence session.
+async fn connect(options: &PgConnectOptions, every: Duration) -> Result<PgConnection, sqlx::Error> {
     let patience = every.max(Duration::from_secs(10));
-    let connect = async {
-        let mut connection = PgConnection::connect_with(options).await?;
-        presence::lock(&mut connection, worker_id).await?;
-        Ok(connection)
-    };
-    tokio::time::timeout(patience, connect).await.unwrap_or_else(|_| {
+    tokio::time::timeout(patience, PgConnection::connect_with(options)).await.unwrap_or_else(|_| {
         let why = format!("no connection within {patience:?}");
         Err(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, why)))
     })

@@ -17,7 +17,7 @@ use anyhow::Context;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicCancelOptions;
 use migration::MigratorTrait;
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
 use secrecy::ExposeSecret;
 use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
@@ -101,21 +101,31 @@ const MIGRATION_LOCK: i64 = 0x696e_7374_7275_6364;
 /// Applies pending migrations. Replicas that start together (a Deployment's pods, the
 /// migration Job) take turns under a Postgres advisory lock, held by a session of its own:
 /// without it they race to create the same tables and all but one fail.
+///
+/// The lock is session-level (it ends with the session, even if this process dies) and
+/// waited for by polling: a session blocked in `pg_advisory_lock` holds a snapshot, which a
+/// migration building an index `CONCURRENTLY` would wait for, while that session waits for
+/// the migration: a deadlock Postgres cannot see.
 pub async fn migrate(settings: &Settings, db: &DatabaseConnection) -> anyhow::Result<()> {
     let lock = connect_pool(settings, 1, false).await?;
-    // A transaction pins its connection (the pool cannot recycle it mid-migration), and a
-    // transaction-level lock ends with it, even if this process dies.
-    let holder = lock.begin().await?;
-    holder
-        .execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT pg_advisory_xact_lock($1)",
-            [MIGRATION_LOCK.into()],
-        ))
-        .await
-        .context("waiting for the migration lock")?;
+    let statement = |sql: &str| Statement::from_sql_and_values(DbBackend::Postgres, sql, [MIGRATION_LOCK.into()]);
+    let mut waited = false;
+    loop {
+        let row = lock
+            .query_one_raw(statement("SELECT pg_try_advisory_lock($1) AS locked"))
+            .await
+            .context("waiting for the migration lock")?;
+        if row.map(|row| row.try_get::<bool>("", "locked")).transpose()?.unwrap_or(false) {
+            break;
+        }
+        if !waited {
+            tracing::info!("another instructd is migrating the database; waiting for it");
+            waited = true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let migrated = migration::Migrator::up(db, None).await.context("applying migrations failed");
-    let _ = holder.commit().await;
+    let _ = lock.execute_raw(statement("SELECT pg_advisory_unlock($1)")).await;
     let _ = lock.close().await;
     migrated
 }
@@ -291,8 +301,16 @@ async fn run_session(
     slots: &Arc<Semaphore>,
 ) -> anyhow::Result<()> {
     let settings = &worker.settings;
-    let consume_connection = connection::connect(&settings.broker, "consumer").await?;
-    let publish_connection = connection::connect(&settings.broker, "publisher").await?;
+    // Connecting waits for its timeout at worst; a shutdown does not wait for it.
+    let connect = async {
+        let consume = connection::connect(&settings.broker, "consumer").await?;
+        let publish = connection::connect(&settings.broker, "publisher").await?;
+        anyhow::Ok((consume, publish))
+    };
+    let (consume_connection, publish_connection) = tokio::select! {
+        connected = connect => connected?,
+        _ = worker.stop.cancelled() => return Ok(()),
+    };
     topology::declare(&publish_connection.create_channel().await?, &settings.broker)
         .await
         .context("declaring the topology failed")?;

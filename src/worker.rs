@@ -90,6 +90,10 @@ pub enum Ending {
 pub enum Disposition {
     /// The outcome is committed, or there is nothing left to do: ack.
     Ack,
+    /// A duplicate of a finished job: send it the job's event (confirmed), then ack. Nothing is
+    /// kept for it, so the ack waits for the broker; a broker that would not take the event
+    /// gets the delivery back.
+    Answer,
     /// Copy it to the dead-letter queue with the reason (confirmed), then ack.
     DeadLetter { reason: String, entity: String, kind: ErrorKind },
     /// Copy it to the delay queue (confirmed), then ack: it comes back after
@@ -104,7 +108,8 @@ pub enum Disposition {
 /// message); a deferral does not (waiting is not failing).
 pub fn disposition(ending: &Ending) -> Disposition {
     match ending {
-        Ending::Committed(_) | Ending::AlreadyFinished(_) => Disposition::Ack,
+        Ending::Committed(_) | Ending::AlreadyFinished(None) => Disposition::Ack,
+        Ending::AlreadyFinished(Some(_)) => Disposition::Answer,
         Ending::Rejected { reason, entity, .. } => {
             Disposition::DeadLetter { reason: reason.clone(), entity: entity.clone(), kind: ErrorKind::InvalidRequest }
         }
@@ -183,7 +188,8 @@ impl Worker {
         let _in_flight = self.metrics.in_flight();
         let hold = Instant::now() + Duration::from_secs(self.settings.worker.max_hold_secs);
         let ending = self.work(&delivery, hold).await;
-        if self.carry_out(&delivery, publisher, disposition(&ending)).await {
+        let disposition = disposition(&ending);
+        if self.carry_out(&delivery, publisher, &ending, disposition, hold).await {
             self.announce(publisher, ending, slot).await;
         }
     }
@@ -224,14 +230,14 @@ impl Worker {
                 });
                 Ending::AlreadyFinished(event)
             }
-            Claim::Acquired { token, takeovers } => {
+            Claim::Acquired { token, takeovers, age } => {
                 // The broker's count (of a redelivery) and the claim's (which survives
                 // deferrals): either says how often a worker died holding this job.
                 let previous = job.previous_deliveries.max(u64::from(takeovers));
                 if previous >= u64::from(self.settings.broker.delivery_limit) {
                     return self.give_up(&job, token, previous, hold).await;
                 }
-                self.generate_and_store(&job, token, hold).await
+                self.generate_and_store(&job, token, age, hold).await
             }
         }
     }
@@ -242,7 +248,8 @@ impl Worker {
         if inserted { Some(Running { worker: self, job_id }) } else { None }
     }
 
-    async fn generate_and_store(&self, job: &Job, token: Uuid, hold: Instant) -> Ending {
+    /// `age`: how long ago the job was first claimed (it may have been deferred since).
+    async fn generate_and_store(&self, job: &Job, token: Uuid, age: Duration, hold: Instant) -> Ending {
         let started = Instant::now();
         let message_id = job.assigned_id.then_some(job.id);
         let prompt = Prompt {
@@ -259,12 +266,23 @@ impl Worker {
             // The call in flight is dropped: the grace period is over.
             _ = self.abort.cancelled() => return self.hand_back(job.id, token, Ending::Interrupted).await,
         };
+        let give_up_after = Duration::from_secs(self.settings.llm.give_up_after_secs);
         let generation = match generation {
             Ok(generation) => generation,
-            Err(unavailable) => {
+            Err(unavailable) if age + started.elapsed() < give_up_after => {
                 tracing::warn!(last_error = %unavailable, "the provider stayed unavailable; deferring the job");
                 let ending = Ending::Postponed { reason: DeferReason::Provider, message_id };
                 return self.hand_back(job.id, token, ending).await;
+            }
+            // Waited long enough: an outage of a day, or a request on which the provider fails
+            // every call while nothing else runs (its own failures keep the circuit open).
+            Err(unavailable) => {
+                let message = format!(
+                    "the provider was unavailable for this job for {:?} (llm.give_up_after_secs); last error: {}",
+                    age + started.elapsed(),
+                    unavailable.0
+                );
+                llm::Generation { outcome: Err(JobError::new(ErrorKind::Llm, message)), trace: CallTrace::default() }
             }
         };
         let record = job.record();
@@ -334,7 +352,14 @@ impl Worker {
         span.record("entity", rejection.entity.as_str());
         tracing::warn!(reason = %rejection.reason, "rejecting an invalid request");
         let error = JobError::new(ErrorKind::InvalidRequest, rejection.reason.clone());
-        let event = self.record_rejection(&rejection.record(), &error, hold).await;
+        let event = match self.record_rejection(&rejection.record(), &error, hold).await {
+            Ok(event) => event,
+            Err(Abandon::Data(error)) => {
+                tracing::error!(%error, "the failed job could not be recorded; it is dead-lettered without an event");
+                None
+            }
+            Err(abandon) => return abandon.ending(Some(rejection.job_id)),
+        };
         let entity = rejection.routing_entity.unwrap_or("unknown").to_owned();
         Ending::Rejected { reason: rejection.reason, entity, event }
     }
@@ -346,24 +371,34 @@ impl Worker {
         tracing::warn!(%reason, "rejecting a request");
         let record = JobRecord { request: &Value::Null, metadata: &Value::Null, ..job.record() };
         let failure = JobError::new(ErrorKind::InvalidRequest, reason.clone());
-        let event = self.record_rejection(&record, &failure, hold).await;
+        let event = match self.record_rejection(&record, &failure, hold).await {
+            Ok(event) => event,
+            // Not even without the request: dead-lettered without a row, rather than held.
+            Err(Abandon::Data(error)) => {
+                tracing::error!(%error, "the failed job could not be recorded; it is dead-lettered without an event");
+                None
+            }
+            Err(abandon) => return abandon.ending(job.assigned_id.then_some(job.id)),
+        };
         Ending::Rejected { reason, entity: job.kind.name().to_owned(), event }
     }
 
-    async fn record_rejection(&self, record: &JobRecord<'_>, error: &JobError, hold: Instant) -> Option<OutboxEvent> {
-        match self.with_db_retries(hold, || self.store.record_rejection(record, error)).await {
-            Ok(Some(event)) => Some(event),
-            Ok(None) => {
-                tracing::warn!(
-                    "the job id belongs to another job: the rejection is recorded in the dead-letter queue only"
-                );
-                None
-            }
-            Err(reason) => {
-                tracing::error!(%reason, "the failed job could not be recorded; it is dead-lettered without an event");
-                None
-            }
+    /// Records a rejection's failure: its event, or `None` when the job id is another job's.
+    /// A database that stays unavailable leaves the delivery to be deferred (its failure is
+    /// recorded when it comes back), not dead-lettered without a word.
+    async fn record_rejection(
+        &self,
+        record: &JobRecord<'_>,
+        error: &JobError,
+        hold: Instant,
+    ) -> Result<Option<OutboxEvent>, Abandon> {
+        let event = self.with_db_retries(hold, || self.store.record_rejection(record, error)).await?;
+        if event.is_none() {
+            tracing::warn!(
+                "the job id belongs to another job: the rejection is recorded in the dead-letter queue only"
+            );
         }
+        Ok(event)
     }
 
     /// Hands the job's claim back before its delivery is deferred or requeued, so that its
@@ -378,19 +413,37 @@ impl Worker {
         ending
     }
 
-    /// Carries out `disposition` on the broker. Whether the delivery was acked (and its
-    /// event, if any, is to be announced).
-    async fn carry_out(&self, delivery: &Delivery, publisher: &Publisher, disposition: Disposition) -> bool {
+    /// Carries out `disposition` on the broker, for at most the delivery's `hold`. Whether the
+    /// delivery was acked (and the event of an outcome, if any, is to be announced).
+    async fn carry_out(
+        &self,
+        delivery: &Delivery,
+        publisher: &Publisher,
+        ending: &Ending,
+        disposition: Disposition,
+        hold: Instant,
+    ) -> bool {
         match disposition {
             Disposition::Ack => acknowledge(delivery).await,
+            Disposition::Answer => {
+                let Ending::AlreadyFinished(Some(event)) = ending else { return acknowledge(delivery).await };
+                let sent = self.bounded(hold, relay::send(publisher, event)).await;
+                match sent.map(relay::Sent::into_event) {
+                    // Unroutable: the job's own event waits in the outbox for a queue to be bound.
+                    Ok(Ok(())) | Ok(Err(PublishError::Returned(_))) => acknowledge(delivery).await,
+                    Ok(Err(error)) | Err(error) => {
+                        tracing::warn!(%error, "the finished job's event could not be sent again; leaving it for redelivery");
+                        self.pause_then_requeue(delivery).await
+                    }
+                }
+            }
             Disposition::Requeue => {
                 requeue(delivery).await;
                 false
             }
             Disposition::DeadLetter { reason, entity, kind } => {
-                let copied =
-                    self.until_abort(publisher.dead_letter(&delivery.data, &delivery.properties, &reason)).await;
-                match copied {
+                let copy = publisher.dead_letter(&delivery.data, &delivery.properties, &reason);
+                match self.bounded(hold, copy).await {
                     Ok(()) => {
                         self.metrics.dead_lettered(&entity, kind);
                         acknowledge(delivery).await
@@ -403,9 +456,8 @@ impl Worker {
             }
             Disposition::Defer { reason, message_id } => {
                 let delay = Duration::from_secs(self.settings.broker.defer_secs);
-                let copied =
-                    self.until_abort(publisher.defer(&delivery.data, &delivery.properties, message_id, delay)).await;
-                match copied {
+                let copy = publisher.defer(&delivery.data, &delivery.properties, message_id, delay);
+                match self.bounded(hold, copy).await {
                     Ok(()) => {
                         self.metrics.deferred(reason);
                         acknowledge(delivery).await
@@ -429,35 +481,41 @@ impl Worker {
         false
     }
 
-    /// A publish, given up when the grace period is over (a blocked broker holds publishes).
-    async fn until_abort<T>(&self, publish: impl Future<Output = Result<T, PublishError>>) -> Result<T, PublishError> {
+    /// A publish, given up when the grace period is over or the delivery's `hold` ran out (a
+    /// blocked broker holds publishes).
+    async fn bounded<T>(
+        &self,
+        hold: Instant,
+        publish: impl Future<Output = Result<T, PublishError>>,
+    ) -> Result<T, PublishError> {
         tokio::select! {
             published = publish => published,
             _ = self.abort.cancelled() => Err(PublishError::Abandoned),
+            _ = tokio::time::sleep_until(hold) => Err(PublishError::Abandoned),
         }
     }
 
-    /// Announces what the run ended with, after the ack: an outcome's event from the outbox
-    /// (marked published once confirmed), or a finished job's event sent again to this
-    /// delivery's requester (not kept: the job's own event is in the outbox already). The
-    /// job's slot goes to the next delivery once there is room among the announcements.
+    /// Announces an outcome's event from the outbox after the ack, and marks it published once
+    /// confirmed (the relay sends it otherwise). The job's slot goes to the next delivery once
+    /// there is room among the announcements.
     async fn announce(&self, publisher: &Publisher, ending: Ending, slot: Slot) {
-        let (event, outboxed) = match ending {
-            Ending::Committed(Some(event))
-            | Ending::Rejected { event: Some(event), .. }
-            | Ending::GivenUp { event: Some(event), .. } => (event, true),
-            Ending::AlreadyFinished(Some(event)) => (event, false),
-            _ => return,
+        let (Ending::Committed(Some(event))
+        | Ending::Rejected { event: Some(event), .. }
+        | Ending::GivenUp { event: Some(event), .. }) = ending
+        else {
+            return;
         };
         let sent = {
             let _announcing = self.announcing.acquire().await.expect("the semaphore is never closed");
             drop(slot);
-            self.until_abort(relay::send(publisher, &event)).await
+            tokio::select! {
+                sent = relay::send(publisher, &event) => sent,
+                _ = self.abort.cancelled() => Err(PublishError::Abandoned),
+            }
         };
         let delivered = match sent {
             // The "published" mark waits for its batch (up to `MARK_LINGER`) outside the bound.
-            Ok(sent) if outboxed => relay::write_down(relay::Marks::Batched(&self.store), &event, sent).await,
-            Ok(sent) => sent.into_event().map_err(Undelivered::from),
+            Ok(sent) => relay::write_down(relay::Marks::Batched(&self.store), &event, sent).await,
             Err(error) => Err(error.into()),
         };
         match delivered {
@@ -466,8 +524,7 @@ impl Worker {
                 routing_key = %event.routing_key,
                 "no queue is bound to the events exchange for this event; it stays pending until one is"
             ),
-            Err(error) if outboxed => tracing::warn!(%error, "event not confirmed yet; the outbox relay will retry"),
-            Err(error) => tracing::warn!(%error, "the finished job's event could not be sent again"),
+            Err(error) => tracing::warn!(%error, "event not confirmed yet; the outbox relay will retry"),
         }
     }
 
@@ -487,12 +544,18 @@ impl Worker {
             .build();
         let mut failures = 0u32;
         loop {
+            // Each attempt is bounded too: a statement on a connection whose server vanished
+            // without a word could otherwise wait for TCP to give up, past the hold.
             let error = tokio::select! {
                 result = operation() => match result {
                     Ok(value) => return Ok(value),
                     Err(error) => error,
                 },
                 _ = self.abort.cancelled() => return Err(Abandon::ShuttingDown),
+                _ = tokio::time::sleep_until(hold) => {
+                    tracing::warn!("the database did not answer within the delivery's hold");
+                    return Err(Abandon::Held(DbErr::Custom("no answer within the delivery's hold".to_owned())));
+                }
             };
             let fault = classify(&error);
             if fault == DbFault::Data {
@@ -566,10 +629,11 @@ mod tests {
     }
 
     #[test]
-    fn committed_and_finished_jobs_are_acked() {
+    fn committed_jobs_are_acked_and_duplicates_answered_before_their_ack() {
         assert_eq!(disposition(&Ending::Committed(Some(event()))), Disposition::Ack);
         assert_eq!(disposition(&Ending::Committed(None)), Disposition::Ack, "a claim lost to another worker");
-        assert_eq!(disposition(&Ending::AlreadyFinished(None)), Disposition::Ack);
+        assert_eq!(disposition(&Ending::AlreadyFinished(Some(event()))), Disposition::Answer);
+        assert_eq!(disposition(&Ending::AlreadyFinished(None)), Disposition::Ack, "nothing to answer with");
     }
 
     #[test]

@@ -226,6 +226,9 @@ impl LlmClient {
         let timeout = self.request_timeout.min(remaining);
         let started = Instant::now();
         let result = match tokio::time::timeout(timeout, self.client.chat().create_byot::<_, Value>(request)).await {
+            // Cut short by the time the job had left, not by the provider's slowness: says
+            // nothing about the provider.
+            Err(_) if timeout < self.request_timeout => Err(TransportError::Deadline),
             Err(_) => Err(TransportError::Timeout(timeout)),
             Ok(result) => result.map_err(TransportError::from).and_then(parse_completion),
         };

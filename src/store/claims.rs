@@ -8,6 +8,7 @@
 //! heartbeat goes stale after `worker.takeover_after_secs`.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
 use serde_json::{Value, json};
@@ -20,8 +21,9 @@ use super::{JobRecord, Store, StoreSettings, one_by_one, stmt};
 pub enum Claim {
     /// This worker owns the job until it records the outcome; `token` proves it.
     /// `takeovers` counts the claims before this one whose worker was gone (killed, frozen,
-    /// cut off) before the job finished: the job's poison count.
-    Acquired { token: Uuid, takeovers: u32 },
+    /// cut off) before the job finished: the job's poison count. `age`: how long ago the job
+    /// was first claimed (zero for a new one), across deferrals.
+    Acquired { token: Uuid, takeovers: u32, age: Duration },
     /// The job already finished: nothing is generated; its event, as announced, answers this
     /// delivery too (`None` for a job finished before events were kept on the row).
     Finished { event: Option<StoredEvent> },
@@ -58,10 +60,13 @@ impl Store {
     /// Hands a claim back (the job is deferred or interrupted): the next delivery takes it
     /// over at once, without counting a takeover. `false` if `token` no longer held it.
     pub async fn release_claim(&self, job_id: Uuid, token: Uuid) -> Result<bool, DbErr> {
+        // An expired lease too: an instructd from before heartbeats, running beside this one
+        // during a rolling update, takes the job over as well.
         let result = self
             .db
             .execute_raw(stmt(
-                "UPDATE generation_job SET claim_token = NULL, claimed_by = NULL, updated_at = now()
+                "UPDATE generation_job SET claim_token = NULL, claimed_by = NULL, lease_expires_at = now(),
+                        updated_at = now()
                   WHERE job_id = $1 AND claim_token = $2 AND status = 'running'",
                 [job_id.into(), token.into()],
             ))
@@ -110,7 +115,9 @@ async fn try_claim_batch(
     // worker's own (the caller is not running it), when its worker is gone — no fresh
     // heartbeat, or its session's advisory lock is free (`pg_try_advisory_xact_lock` takes
     // it only if nobody holds it, and lets go at the end of this statement) — or, for a claim
-    // of an instructd from before heartbeats, when its lease expired.
+    // of an instructd from before heartbeats, when its lease expired. A finished job is
+    // answered with the event on its row, or (finished before events were kept there) the
+    // last one of its status in the outbox.
     let claimed = db
         .query_all_raw(stmt(
             "WITH batch AS (
@@ -137,11 +144,19 @@ async fn try_claim_batch(
                            OR pg_try_advisory_xact_lock(generation_job.claimed_by))))
                 RETURNING job_id, claim_token, takeovers
              )
-             SELECT batch.job_id, claimed.claim_token, claimed.takeovers, job.status, job.event,
-                    job.event_routing_key
+             SELECT batch.job_id, claimed.claim_token, claimed.takeovers, job.status,
+                    coalesce(extract(epoch FROM now() - job.created_at), 0)::float8 AS age_secs,
+                    coalesce(job.event, earlier.payload) AS event,
+                    coalesce(job.event_routing_key, earlier.routing_key) AS event_routing_key
                FROM batch
                LEFT JOIN claimed ON claimed.job_id = batch.job_id
-               LEFT JOIN generation_job job ON job.job_id = batch.job_id",
+               LEFT JOIN generation_job job ON job.job_id = batch.job_id
+               LEFT JOIN LATERAL (
+                    SELECT payload, routing_key FROM event_outbox
+                     WHERE job.event IS NULL AND job.status IN ('succeeded', 'failed')
+                       AND event_outbox.job_id = job.job_id AND event_outbox.payload->>'status' = job.status
+                     ORDER BY event_outbox.created_at DESC LIMIT 1
+               ) earlier ON true",
             [
                 (rows.len() as i64).into(),
                 Value::Array(rows).into(),
@@ -156,8 +171,13 @@ async fn try_claim_batch(
         let token: Option<Uuid> = row.try_get("", "claim_token")?;
         let takeovers: Option<i32> = row.try_get("", "takeovers")?;
         let status: Option<String> = row.try_get("", "status")?;
+        let age: f64 = row.try_get("", "age_secs")?;
         let claim = match (token, status.as_deref()) {
-            (Some(token), _) => Claim::Acquired { token, takeovers: takeovers.unwrap_or(0).max(0) as u32 },
+            (Some(token), _) => Claim::Acquired {
+                token,
+                takeovers: takeovers.unwrap_or(0).max(0) as u32,
+                age: Duration::try_from_secs_f64(age).unwrap_or_default(),
+            },
             (None, Some("running") | None) => Claim::Busy,
             (None, Some(_)) => {
                 let payload: Option<Value> = row.try_get("", "event")?;

@@ -15,8 +15,8 @@ pub enum DbFault {
     /// reported (`/readyz`, the logs); it never fails a job nor hot-loops a delivery.
     Refusal,
     /// The data cannot be stored (a constraint the schema did not express, a value out of
-    /// range, a character the database's encoding lacks): the same statement fails forever.
-    /// The job fails.
+    /// range, a character the database's encoding lacks, a value over a size limit): the same
+    /// statement fails forever. The job fails.
     Data,
 }
 
@@ -49,13 +49,14 @@ pub fn classify(error: &DbErr) -> DbFault {
 
 /// By SQLSTATE class: 08 connection exception, 40 transaction rollback, 53 insufficient
 /// resources, 57 operator intervention (shutdown, cancel), 58 system error are outages;
-/// 22 data exception and 23 integrity constraint violation are the data's fault; everything
-/// else (25006 read-only transaction, 42P01 undefined table, 42501 insufficient privilege,
-/// 28P01 invalid password, 3D000 no such database…) is a refusal.
+/// 22 data exception, 23 integrity constraint violation and 54 program limit exceeded (an
+/// index row or a value too large) are the data's fault; everything else (25006 read-only
+/// transaction, 42P01 undefined table, 42501 insufficient privilege, 28P01 invalid password,
+/// 3D000 no such database…) is a refusal.
 pub fn classify_sqlstate(code: &str) -> DbFault {
     match code.get(..2) {
         Some("08" | "40" | "53" | "57" | "58") => DbFault::Outage,
-        Some("22" | "23") => DbFault::Data,
+        Some("22" | "23" | "54") => DbFault::Data,
         _ => DbFault::Refusal,
     }
 }
@@ -97,6 +98,7 @@ mod tests {
             ("28P01", DbFault::Refusal),
             ("23505", DbFault::Data),
             ("22P05", DbFault::Data),
+            ("54000", DbFault::Data),
         ] {
             assert_eq!(classify_sqlstate(code), fault, "{code}");
         }

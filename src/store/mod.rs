@@ -134,15 +134,16 @@ impl Store {
     }
 }
 
-/// After a batch failed with `error`: when the fault may lie in one item's data (a
-/// constraint an entity row breaks), writes each item alone, so that only that item
-/// fails; otherwise (the database is unavailable or refusing) every item gets the error.
+/// After a batch failed with `error`: when the fault may lie with one item (a constraint an
+/// entity row breaks, a table the database refuses to write), writes each item alone, so
+/// that only that item fails or waits; when the database is unavailable, every item gets the
+/// error.
 async fn one_by_one<'a, I, O, F, Fut>(batch: &'a [I], error: DbErr, alone: F) -> Vec<Result<O, DbErr>>
 where
     F: Fn(&'a I) -> Fut,
     Fut: Future<Output = Result<Vec<O>, DbErr>>,
 {
-    if batch.len() == 1 || classify(&error) != DbFault::Data {
+    if batch.len() == 1 || classify(&error) == DbFault::Outage {
         return batch.iter().map(|_| Err(error.clone())).collect();
     }
     let mut results = Vec::with_capacity(batch.len());

@@ -8,9 +8,11 @@ use sqlx::postgres::PgConnection;
 
 /// Takes this worker's advisory lock on `connection`: its session's, released when the
 /// session ends, however it ends (a killed process's socket is closed by its kernel).
-pub async fn lock(connection: &mut PgConnection, worker_id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_lock($1)").bind(worker_id).execute(connection).await?;
-    Ok(())
+/// Without waiting: `false` if another session holds it — an earlier session of this worker
+/// whose end the server has not noticed yet (the network was cut), which keeps its claims
+/// live meanwhile just as well.
+pub async fn lock(connection: &mut PgConnection, worker_id: i64) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(worker_id).fetch_one(connection).await
 }
 
 /// Writes the worker's heartbeat (its row again, should it have been pruned meanwhile).

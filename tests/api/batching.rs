@@ -71,7 +71,7 @@ async fn of_many_simultaneous_claims_on_one_job_exactly_one_acquires() {
     let mut workers = Vec::new();
     for worker_id in 100..110 {
         let mut session = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.unwrap();
-        instructd::store::presence::lock(&mut session, worker_id).await.unwrap();
+        assert!(instructd::store::presence::lock(&mut session, worker_id).await.unwrap());
         instructd::store::presence::heartbeat(&mut session, worker_id).await.unwrap();
         workers.push((store_as(db.clone(), worker_id).await, session));
     }
@@ -91,7 +91,7 @@ async fn of_many_simultaneous_claims_on_one_job_exactly_one_acquires() {
     let mut tokens: Vec<Uuid> = claims
         .into_iter()
         .map(|claim| match claim.expect("claiming works") {
-            Claim::Acquired { token, takeovers: 0 } => token,
+            Claim::Acquired { token, takeovers: 0, .. } => token,
             other => panic!("a fresh job was not acquired: {other:?}"),
         })
         .collect();

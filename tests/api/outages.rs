@@ -188,3 +188,26 @@ async fn a_read_only_database_pauses_jobs_without_dead_lettering_or_redelivering
     let _ = admin.close().await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_the_provider_keeps_failing_for_longer_than_give_up_after_fails_with_kind_llm() {
+    let llm = MockServer::start().await;
+    let mut settings = test_settings(&llm, &create_database().await).await;
+    // Alone, its own failures open the circuit: without a bound it would be deferred forever.
+    settings.llm.circuit_failures = 1;
+    settings.llm.request_timeout_secs = 1;
+    settings.llm.job_timeout_secs = 2;
+    settings.llm.give_up_after_secs = 2;
+    let mut app = spawn_app_with(settings, llm).await;
+    respond_always(&app.llm, ResponseTemplate::new(503).set_body_string("upstream overloaded")).await;
+
+    app.publish(&request("hero", "Make a hero")).await;
+    let received = app.next_event().await;
+
+    assert_eq!(received.routing_key, "job.failed.hero");
+    let error = received.event.error.unwrap();
+    assert_eq!(error.kind, instructd::contract::ErrorKind::Llm);
+    assert!(error.message.contains("llm.give_up_after_secs"), "{}", error.message);
+    assert!(error.message.contains("upstream overloaded"), "{}", error.message);
+    app.stop().await;
+}

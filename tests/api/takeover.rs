@@ -26,7 +26,7 @@ async fn database() -> (String, sea_orm::DatabaseConnection) {
 /// Worker `worker_id`'s presence, as its daemon keeps it: the lock, then a heartbeat.
 async fn present(url: &str, worker_id: i64) -> PgConnection {
     let mut session = PgConnection::connect(url).await.expect("a session");
-    presence::lock(&mut session, worker_id).await.unwrap();
+    assert!(presence::lock(&mut session, worker_id).await.unwrap(), "the lock is free");
     presence::heartbeat(&mut session, worker_id).await.unwrap();
     session
 }
@@ -93,7 +93,7 @@ async fn a_claim_handed_back_is_taken_without_counting_and_a_leftover_of_ones_ow
     let leftover = Uuid::new_v4();
     let old = acquire(&first, leftover, &request).await;
     match first.claim_job(&job(leftover, &request)).await.unwrap() {
-        Claim::Acquired { token, takeovers } => {
+        Claim::Acquired { token, takeovers, .. } => {
             assert_ne!(token, old);
             assert_eq!(takeovers, 1);
         }
