@@ -50,10 +50,16 @@ async fn finished_work_is_pruned_after_its_retention_and_unroutable_events_are_g
     );
     assert_eq!(app.count("SELECT count(*) FROM hero").await, 1, "the rows generated are the product: never pruned");
     assert_eq!(app.count("SELECT count(*) FROM worker").await, 1, "this daemon's own row stays");
-    let metrics = app.get("/metrics").await.1;
-    assert_eq!(metric_sample(&metrics, "instructd_events_abandoned_total", &[]), Some(1.0), "{metrics}");
-    assert!(metric_sample(&metrics, "instructd_rows_pruned_total", &[("table", "generation_job")]) >= Some(1.0));
-    assert!(metric_sample(&metrics, "instructd_rows_pruned_total", &[("table", "event_outbox")]) >= Some(2.0));
-    assert!(metric_sample(&metrics, "instructd_rows_pruned_total", &[("table", "worker")]) >= Some(1.0));
+    // The counters move when the pass ends, after its last batch: wait for them too.
+    let counted = wait_for(|| async {
+        let metrics = app.get("/metrics").await.1;
+        let pruned = |table| metric_sample(&metrics, "instructd_rows_pruned_total", &[("table", table)]).unwrap_or(0.0);
+        metric_sample(&metrics, "instructd_events_abandoned_total", &[]) == Some(1.0)
+            && pruned("generation_job") >= 1.0
+            && pruned("event_outbox") >= 2.0
+            && pruned("worker") >= 1.0
+    })
+    .await;
+    assert!(counted, "{}", app.get("/metrics").await.1);
     app.stop().await;
 }
