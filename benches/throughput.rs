@@ -1,19 +1,24 @@
-//! instructd against the ceiling of its own stack.
+//! instructd against the least work its path needs, in the conditions users run it in.
 //!
 //! `cargo bench --bench throughput` (see the README's "Performance"). For each scenario
-//! (`latency_ms@concurrency`, by default `0@64 200@256 500@1000`), against the real local
-//! RabbitMQ and Postgres and an in-process fake chat-completions server that answers after
-//! `latency_ms`:
-//! - **ceiling**: the least work the same durable path can do, in this process — consume a
-//!   request from the same kind of queue with the same prefetch, one INSERT in one
-//!   transaction, publish one confirmed event, ack; no LLM;
+//! (`latency_ms@concurrency`, by default `0@64 200@256 5000@10000`), each way to Postgres (TLS,
+//! as Debian's and every managed Postgres offers it, and plain TCP) and each way the work
+//! arrives (a window, and a backlog), against the real local RabbitMQ and Postgres and an
+//! in-process fake chat-completions server that answers after `latency_ms`:
+//! - **ceiling**: the least work the durable path needs, in this process: consume a request
+//!   from the same kind of quorum queue with the same prefetch, one autocommit INSERT of it
+//!   (a prepared statement, on a pool of plain driver connections as many as the daemon's),
+//!   one confirmed publish of an event, ack; no LLM, no claim, no outbox;
 //! - **instructd**: the real `instructd run` binary, with `worker.concurrency` = concurrency.
 //!
-//! Both are driven the same way: a window of 2 × concurrency requests outstanding (a new one
-//! is published as each event arrives), so the worker never starves and the queue stays
-//! short. Printed per run: jobs/s, p50 / p99 enqueue-to-event latency; for instructd also
-//! CPU-seconds per job (utime + stime of the daemon over the run), peak RSS (VmHWM) and RSS
-//! at each quarter of the run (growth). `--soak N` adds one long run.
+//! Both are driven alike. **window**: 2 × concurrency requests outstanding (a new one is
+//! published as each event arrives), so the worker never starves and the queue stays short;
+//! **backlog**: every request is queued before the worker starts (a backfill, or a daemon
+//! restarted after an outage), and the rate is taken from when it started consuming (the
+//! daemon ready) to the last event.
+//! Printed per run: jobs/s, p50 / p99 publish-to-event latency; for instructd also CPU-ms per
+//! job (utime + stime of the daemon over the run), peak RSS (VmHWM) and RSS at each quarter of
+//! the run (growth). `--soak N` adds one long run.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,7 +33,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
-use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
+use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
@@ -44,9 +49,17 @@ use helpers::{broker_url, create_database, listen};
 #[command(about = "instructd against the ceiling of its own stack")]
 struct Args {
     /// Scenarios as `latency_ms@concurrency`.
-    #[arg(long, value_delimiter = ',', default_values = ["0@64", "200@256", "500@1000"])]
+    #[arg(long, value_delimiter = ',', default_values = ["0@64", "200@256", "5000@10000"])]
     scenarios: Vec<String>,
-    /// Jobs per run; default: max(2000, 8 × concurrency).
+    /// Ways to Postgres: `tls` (sslmode=require) and `plain` (sslmode=disable).
+    #[arg(long, value_delimiter = ',', default_values = ["tls", "plain"])]
+    postgres: Vec<Transport>,
+    /// How the work arrives: `window` (2 × concurrency outstanding) and `backlog` (all of it
+    /// queued before the worker starts).
+    #[arg(long, value_delimiter = ',', default_values = ["window", "backlog"])]
+    modes: Vec<Mode>,
+    /// Jobs per run; default: max(4000, 8 × concurrency), or 2 × concurrency from 2,000 in
+    /// flight on.
     #[arg(long)]
     jobs: Option<usize>,
     /// Also run this many jobs through instructd at the first scenario's settings, to show
@@ -81,6 +94,61 @@ impl std::str::FromStr for Scenario {
     }
 }
 
+/// How the daemon and the ceiling reach Postgres.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Transport {
+    Tls,
+    Plain,
+}
+
+impl Transport {
+    fn sslmode(self) -> &'static str {
+        match self {
+            Transport::Tls => "require",
+            Transport::Plain => "disable",
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Tls => "TLS",
+            Transport::Plain => "plain",
+        })
+    }
+}
+
+/// How the work arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    Window,
+    Backlog,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Window => "window",
+            Mode::Backlog => "backlog",
+        })
+    }
+}
+
+/// One run's conditions.
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    scenario: Scenario,
+    transport: Transport,
+    mode: Mode,
+}
+
+impl std::fmt::Display for Case {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}, {}, {}", self.scenario, self.mode, self.transport)
+    }
+}
+
 impl std::fmt::Display for Scenario {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} ms LLM @ {}", self.latency.as_millis(), self.concurrency)
@@ -90,6 +158,9 @@ impl std::fmt::Display for Scenario {
 /// What one run measured.
 struct Run {
     jobs: usize,
+    /// Jobs the rate counts (all of them): in a window from the first publish to the last
+    /// event, in a backlog from when the worker started consuming to the last event.
+    counted: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
     /// For instructd: the daemon's CPU-seconds over the run, peak RSS and RSS samples (KiB).
@@ -105,7 +176,7 @@ struct ProcessFigures {
 
 impl Run {
     fn jobs_per_sec(&self) -> f64 {
-        self.jobs as f64 / self.elapsed.as_secs_f64()
+        self.counted as f64 / self.elapsed.as_secs_f64()
     }
 
     fn percentile(&self, p: f64) -> Duration {
@@ -126,23 +197,31 @@ async fn main() -> anyhow::Result<()> {
     println!("instructd throughput benchmark: {} CPUs, binary {}", num_cpus(), env!("CARGO_BIN_EXE_instructd"));
     let mut rows = Vec::new();
     for scenario in &scenarios {
-        let jobs = args.jobs.unwrap_or_else(|| (8 * scenario.concurrency).max(2000));
+        let jobs = args.jobs.unwrap_or_else(|| {
+            if scenario.concurrency >= 2000 { 2 * scenario.concurrency } else { (8 * scenario.concurrency).max(4000) }
+        });
         llm.set_latency(scenario.latency);
-        let ceiling = if args.no_ceiling {
-            None
-        } else {
-            let run = run_ceiling(*scenario, jobs).await?;
-            report(&format!("ceiling   {scenario}"), &run);
-            Some(run)
-        };
-        let instructd = run_instructd(*scenario, jobs, &llm).await?;
-        report(&format!("instructd {scenario}"), &instructd);
-        rows.push((*scenario, ceiling, instructd));
+        for &mode in &args.modes {
+            for &transport in &args.postgres {
+                let case = Case { scenario: *scenario, transport, mode };
+                let ceiling = if args.no_ceiling {
+                    None
+                } else {
+                    let run = run_ceiling(case, jobs).await?;
+                    report(&format!("ceiling   {case}"), &run);
+                    Some(run)
+                };
+                let instructd = run_instructd(case, jobs, &llm).await?;
+                report(&format!("instructd {case}"), &instructd);
+                rows.push((case, ceiling, instructd));
+            }
+        }
     }
     if let (Some(jobs), Some(first)) = (args.soak, scenarios.first()) {
         llm.set_latency(first.latency);
-        let soak = run_instructd(*first, jobs, &llm).await?;
-        report(&format!("soak      {first}, {jobs} jobs"), &soak);
+        let case = Case { scenario: *first, transport: args.postgres[0], mode: Mode::Window };
+        let soak = run_instructd(case, jobs, &llm).await?;
+        report(&format!("soak      {case}, {jobs} jobs"), &soak);
     }
     print_table(&rows);
     Ok(())
@@ -168,13 +247,14 @@ fn report(label: &str, run: &Run) {
     println!("{line}");
 }
 
-fn print_table(rows: &[(Scenario, Option<Run>, Run)]) {
+fn print_table(rows: &[(Case, Option<Run>, Run)]) {
     println!();
     println!(
-        "| scenario | ceiling jobs/s | instructd jobs/s | vs ceiling | vs concurrency ÷ latency | p50 ms | p99 ms | CPU-ms/job | peak RSS MB |"
+        "| scenario | arrival | Postgres | ceiling jobs/s | instructd jobs/s | vs ceiling | vs concurrency ÷ latency | p50 ms | p99 ms | CPU-ms/job | peak RSS MB |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (scenario, ceiling, run) in rows {
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (case, ceiling, run) in rows {
+        let scenario = case.scenario;
         let ceiling_rate = ceiling.as_ref().map(Run::jobs_per_sec);
         let vs_ceiling = ceiling_rate.map_or("–".to_owned(), |c| format!("{:.0}%", 100.0 * run.jobs_per_sec() / c));
         let ideal = if scenario.latency.is_zero() {
@@ -186,7 +266,9 @@ fn print_table(rows: &[(Scenario, Option<Run>, Run)]) {
         };
         let process = run.process.as_ref().expect("instructd runs measure the process");
         println!(
-            "| {scenario} | {} | {:.0} | {vs_ceiling} | {ideal} | {} | {} | {:.2} | {:.1} |",
+            "| {scenario} | {} | {} | {} | {:.0} | {vs_ceiling} | {ideal} | {} | {} | {:.2} | {:.1} |",
+            case.mode,
+            case.transport,
             ceiling_rate.map_or("–".to_owned(), |c| format!("{c:.0}")),
             run.jobs_per_sec(),
             run.percentile(0.50).as_millis(),
@@ -194,6 +276,24 @@ fn print_table(rows: &[(Scenario, Option<Run>, Run)]) {
             process.cpu_seconds * 1000.0 / run.jobs as f64,
             mib(process.peak_rss_kib),
         );
+    }
+    // TLS against plain, run for run.
+    println!();
+    for (case, _, tls) in rows.iter().filter(|(case, _, _)| case.transport == Transport::Tls) {
+        let plain = rows.iter().find(|(other, _, _)| {
+            other.transport == Transport::Plain
+                && other.mode == case.mode
+                && other.scenario.latency == case.scenario.latency
+                && other.scenario.concurrency == case.scenario.concurrency
+        });
+        if let Some((_, _, plain)) = plain {
+            println!(
+                "TLS / plain, {}, {}: {:.0}%",
+                case.scenario,
+                case.mode,
+                100.0 * tls.jobs_per_sec() / plain.jobs_per_sec()
+            );
+        }
     }
 }
 
@@ -216,12 +316,10 @@ struct Names {
     delay_queue: String,
 }
 
-async fn fresh_names() -> anyhow::Result<Names> {
+async fn fresh_names(transport: Transport) -> anyhow::Result<Names> {
     let suffix = Uuid::new_v4().simple().to_string();
     Ok(Names {
-        // Plain TCP on loopback for both runs (the local Postgres also offers TLS, which
-        // sqlx would otherwise negotiate).
-        database_url: format!("{}?sslmode=disable", create_database().await),
+        database_url: format!("{}?sslmode={}", create_database().await, transport.sslmode()),
         request_queue: format!("bench.{suffix}.requests"),
         events_exchange: format!("bench.{suffix}.events"),
         dead_letter_queue: format!("bench.{suffix}.dlq"),
@@ -261,50 +359,99 @@ async fn driver(names: &Names, scenario: Scenario) -> anyhow::Result<(Connection
     let settings = instructd::config::Settings::load_from(None, env)?;
     let connection = Connection::connect(&broker_url(), ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
     instructd::broker::topology::declare(&channel, &settings.broker).await?;
     let events_channel = connection.create_channel().await?;
     let events = listen(&events_channel, &names.events_exchange, "#").await;
     Ok((connection, channel, events))
 }
 
-/// Keeps `window` requests outstanding until `jobs` events came back; `at_quarter(q)` runs
-/// once q quarters of the events are in (1 to 4). Latency is from publish to event, read from the
-/// request's `metadata.sent_ns` that the event echoes.
+/// A request as the driver publishes it: its `metadata.sent_ns` (since `origin`) comes back in
+/// the event, for the latency.
+fn request_body(origin: Instant) -> Vec<u8> {
+    let body = json!({
+        "job_id": Uuid::new_v4(),
+        "entity": "hero",
+        "messages": [{"role": "user", "content": "Make a new superhero"}],
+        "metadata": {"sent_ns": origin.elapsed().as_nanos() as u64},
+    });
+    serde_json::to_vec(&body).expect("serializable")
+}
+
+fn request_properties() -> BasicProperties {
+    BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2)
+}
+
+/// A backlog: publishes `jobs` requests at once and waits until the broker confirmed them
+/// all, before any worker starts.
+async fn prefill(channel: &Channel, queue: &str, jobs: usize, origin: Instant) -> anyhow::Result<()> {
+    let mut confirms = Vec::with_capacity(jobs);
+    for _ in 0..jobs {
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &request_body(origin),
+                request_properties(),
+            )
+            .await?;
+        confirms.push(confirm);
+    }
+    for confirm in confirms {
+        confirm.await?;
+    }
+    Ok(())
+}
+
+/// What a run puts on the worker.
+#[derive(Clone, Copy)]
+struct Load {
+    jobs: usize,
+    mode: Mode,
+    /// Requests outstanding in a window.
+    window: usize,
+    /// What `metadata.sent_ns` counts from.
+    origin: Instant,
+    /// In a backlog: when the worker started consuming (the rate counts from there).
+    started: Instant,
+}
+
+/// Collects `jobs` events. In a window, keeps `window` requests outstanding meanwhile (a new
+/// one is published as each event arrives); in a backlog, the requests are already queued
+/// ([`prefill`]). `at_quarter(q)` runs once q quarters of the events are in (1 to 4).
+/// Latency is from publish to event, read from the `metadata.sent_ns` the event echoes.
+/// Returns the span the rate is taken over, the jobs it counts, and the latencies.
 async fn drive(
     channel: Channel,
     mut events: Consumer,
     request_queue: &str,
-    jobs: usize,
-    window: usize,
+    load: Load,
     mut at_quarter: impl FnMut(usize),
-) -> anyhow::Result<(Duration, Vec<Duration>)> {
-    let origin = Instant::now();
-    let permits = Arc::new(Semaphore::new(window.min(jobs)));
+) -> anyhow::Result<(Duration, usize, Vec<Duration>)> {
+    let Load { jobs, mode, window, origin, started: consuming } = load;
+    let permits = Arc::new(Semaphore::new(if mode == Mode::Window { window.min(jobs) } else { 0 }));
     let queue = request_queue.to_owned();
     let publisher = {
         let permits = permits.clone();
+        let publishes = if mode == Mode::Window { jobs } else { 0 };
         tokio::spawn(async move {
-            for _ in 0..jobs {
+            let start = Instant::now();
+            for _ in 0..publishes {
                 permits.acquire().await.expect("never closed").forget();
-                let body = json!({
-                    "job_id": Uuid::new_v4(),
-                    "entity": "hero",
-                    "messages": [{"role": "user", "content": "Make a new superhero"}],
-                    "metadata": {"sent_ns": origin.elapsed().as_nanos() as u64},
-                });
                 channel
                     .basic_publish(
                         "".into(),
                         queue.as_str().into(),
                         BasicPublishOptions::default(),
-                        &serde_json::to_vec(&body).expect("serializable"),
-                        BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2),
+                        &request_body(origin),
+                        request_properties(),
                     )
                     .await?;
             }
             // Handed back, not dropped: closing the channel would discard publishes that
             // are still queued in the client.
-            anyhow::Ok(channel)
+            anyhow::Ok((channel, start))
         })
     };
     let mut latencies = Vec::with_capacity(jobs);
@@ -324,23 +471,31 @@ async fn drive(
         }
         permits.add_permits(1);
     }
-    let channel = publisher.await??;
+    let (channel, started) = publisher.await??;
     let _ = channel.close(200, "done".into()).await;
-    Ok((last.duration_since(origin), latencies))
+    Ok(match mode {
+        Mode::Window => (last.duration_since(started), jobs, latencies),
+        Mode::Backlog => (last.duration_since(consuming), jobs, latencies),
+    })
 }
 
 // ---------------------------------------------------------------------------------------
 // instructd
 
-async fn run_instructd(scenario: Scenario, jobs: usize, llm: &FakeLlm) -> anyhow::Result<Run> {
-    let names = fresh_names().await?;
-    let run = instructd_under(&names, scenario, jobs, llm).await;
+async fn run_instructd(case: Case, jobs: usize, llm: &FakeLlm) -> anyhow::Result<Run> {
+    let names = fresh_names(case.transport).await?;
+    let run = instructd_under(&names, case, jobs, llm).await;
     clean_up(&names).await;
     run
 }
 
-async fn instructd_under(names: &Names, scenario: Scenario, jobs: usize, llm: &FakeLlm) -> anyhow::Result<Run> {
+async fn instructd_under(names: &Names, case: Case, jobs: usize, llm: &FakeLlm) -> anyhow::Result<Run> {
+    let scenario = case.scenario;
     let (connection, channel, events) = driver(names, scenario).await?;
+    let origin = Instant::now();
+    if case.mode == Mode::Backlog {
+        prefill(&channel, &names.request_queue, jobs, origin).await?;
+    }
     let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let mut env = settings_for(names, Some(llm.addr), scenario);
     env.insert("INSTRUCTD__HTTP__LISTEN".into(), http.to_string());
@@ -358,8 +513,8 @@ async fn instructd_under(names: &Names, scenario: Scenario, jobs: usize, llm: &F
 
     let cpu_before = cpu_seconds(pid)?;
     let mut rss_at_quarters = [0; 4];
-    let window = 2 * scenario.concurrency;
-    let (elapsed, latencies) = drive(channel, events, &names.request_queue, jobs, window, |quarter| {
+    let load = Load { jobs, mode: case.mode, window: 2 * scenario.concurrency, origin, started: Instant::now() };
+    let (elapsed, counted, latencies) = drive(channel, events, &names.request_queue, load, |quarter| {
         rss_at_quarters[quarter - 1] = status_kib(pid, "VmRSS");
     })
     .await?;
@@ -371,7 +526,7 @@ async fn instructd_under(names: &Names, scenario: Scenario, jobs: usize, llm: &F
     let status = tokio::time::timeout(Duration::from_secs(60), daemon.wait()).await??;
     anyhow::ensure!(status.success(), "the daemon exited with {status}");
     close(connection).await;
-    Ok(Run { jobs, elapsed, latencies, process: Some(figures) })
+    Ok(Run { jobs, counted, elapsed, latencies, process: Some(figures) })
 }
 
 /// Deletes the run's queues, exchange and database, so that runs do not pile up quorum
@@ -387,7 +542,7 @@ async fn clean_up(names: &Names) {
         }
         close(connection).await;
     }
-    if let Some((_, name)) = names.database_url.trim_end_matches("?sslmode=disable").rsplit_once('/')
+    if let Some((_, name)) = names.database_url.split('?').next().and_then(|url| url.rsplit_once('/'))
         && let Ok(admin) = sea_orm::Database::connect(helpers::admin_database_url().as_str()).await
     {
         let _ = admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
@@ -444,19 +599,31 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 // ---------------------------------------------------------------------------------------
 // The ceiling
 
-async fn run_ceiling(scenario: Scenario, jobs: usize) -> anyhow::Result<Run> {
-    let names = fresh_names().await?;
-    let run = ceiling_under(&names, scenario, jobs).await;
+async fn run_ceiling(case: Case, jobs: usize) -> anyhow::Result<Run> {
+    let names = fresh_names(case.transport).await?;
+    let run = ceiling_under(&names, case, jobs).await;
     clean_up(&names).await;
     run
 }
 
-async fn ceiling_under(names: &Names, scenario: Scenario, jobs: usize) -> anyhow::Result<Run> {
+/// The least work the durable path needs per request: read it from the queue, store it (one
+/// autocommit INSERT, a prepared statement), publish a confirmed event, ack. Whatever
+/// instructd does beyond that (parse and validate, the claim, the model call, the job row and
+/// the outbox, the published mark) is its own cost.
+async fn ceiling_under(names: &Names, case: Case, jobs: usize) -> anyhow::Result<Run> {
+    let scenario = case.scenario;
     let (connection, channel, events) = driver(names, scenario).await?;
     let settings = instructd::config::Settings::load_from(None, settings_for(names, None, scenario))?;
-    // The daemon's own pool settings.
-    let db = instructd::startup::connect_database(&settings).await?;
-    db.execute_unprepared("CREATE TABLE ceiling (id uuid PRIMARY KEY, request jsonb NOT NULL)").await?;
+    // Plain driver connections, as many as the daemon's pool, over the same transport.
+    let db = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(settings.database.max_connections)
+        .connect(&names.database_url)
+        .await?;
+    sqlx::query("CREATE TABLE ceiling (id uuid PRIMARY KEY, request jsonb NOT NULL)").execute(&db).await?;
+    let origin = Instant::now();
+    if case.mode == Mode::Backlog {
+        prefill(&channel, &names.request_queue, jobs, origin).await?;
+    }
 
     // Separate connections to consume and to publish, as instructd has.
     let consume = Connection::connect(&broker_url(), ConnectionProperties::default()).await?;
@@ -471,6 +638,7 @@ async fn ceiling_under(names: &Names, scenario: Scenario, jobs: usize) -> anyhow
             FieldTable::default(),
         )
         .await?;
+    let started = Instant::now();
     let publish_channel = publish.create_channel().await?;
     publish_channel.confirm_select(ConfirmSelectOptions::default()).await?;
     let exchange = names.events_exchange.clone();
@@ -480,15 +648,12 @@ async fn ceiling_under(names: &Names, scenario: Scenario, jobs: usize) -> anyhow
             let (db, channel, exchange) = (db.clone(), publish_channel.clone(), exchange.clone());
             tokio::spawn(async move {
                 let request: Value = serde_json::from_slice(&delivery.data)?;
-                let job_id: Uuid = request["job_id"].as_str().unwrap_or_default().parse()?;
-                let txn = db.begin().await?;
-                txn.execute_raw(Statement::from_sql_and_values(
-                    DbBackend::Postgres,
-                    "INSERT INTO ceiling (id, request) VALUES ($1, $2)",
-                    [job_id.into(), request.clone().into()],
-                ))
-                .await?;
-                txn.commit().await?;
+                let job_id = request["job_id"].as_str().unwrap_or_default().to_owned();
+                sqlx::query("INSERT INTO ceiling (id, request) VALUES ($1::uuid, $2::jsonb)")
+                    .bind(&job_id)
+                    .bind(std::str::from_utf8(&delivery.data)?)
+                    .execute(&db)
+                    .await?;
                 let event = json!({"job_id": job_id, "status": "succeeded", "metadata": request["metadata"]});
                 channel
                     .basic_publish(
@@ -506,13 +671,13 @@ async fn ceiling_under(names: &Names, scenario: Scenario, jobs: usize) -> anyhow
         }
         anyhow::Ok(())
     });
-    let window = 2 * scenario.concurrency;
-    let (elapsed, latencies) = drive(channel, events, &names.request_queue, jobs, window, |_| {}).await?;
+    let load = Load { jobs, mode: case.mode, window: 2 * scenario.concurrency, origin, started };
+    let (elapsed, counted, latencies) = drive(channel, events, &names.request_queue, load, |_| {}).await?;
     worker.abort();
     for connection in [consume, publish, connection] {
         close(connection).await;
     }
-    Ok(Run { jobs, elapsed, latencies, process: None })
+    Ok(Run { jobs, counted, elapsed, latencies, process: None })
 }
 
 // ---------------------------------------------------------------------------------------
