@@ -295,8 +295,7 @@ impl Worker {
                 // The record itself cannot be stored (a constraint the schema did not
                 // express): the job fails for good rather than looping on redelivery.
                 tracing::error!(error = %error, "storing the record failed; failing the job");
-                let message = text::message(&format!("the record could not be stored: {error}"));
-                failure = JobError::new(ErrorKind::Internal, message);
+                failure = JobError::new(ErrorKind::Internal, format!("the record could not be stored: {error}"));
                 outcome.result = Err(&failure);
                 let finish = self.store.finish(&record, token, &outcome);
                 match self.with_db_retries(hold, || self.store.record(&finish)).await {
@@ -354,10 +353,6 @@ impl Worker {
         let error = JobError::new(ErrorKind::InvalidRequest, rejection.reason.clone());
         let event = match self.record_rejection(&rejection.record(), &error, hold).await {
             Ok(event) => event,
-            Err(Abandon::Data(error)) => {
-                tracing::error!(%error, "the failed job could not be recorded; it is dead-lettered without an event");
-                None
-            }
             Err(abandon) => return abandon.ending(Some(rejection.job_id)),
         };
         let entity = rejection.routing_entity.unwrap_or("unknown").to_owned();
@@ -373,26 +368,28 @@ impl Worker {
         let failure = JobError::new(ErrorKind::InvalidRequest, reason.clone());
         let event = match self.record_rejection(&record, &failure, hold).await {
             Ok(event) => event,
-            // Not even without the request: dead-lettered without a row, rather than held.
-            Err(Abandon::Data(error)) => {
-                tracing::error!(%error, "the failed job could not be recorded; it is dead-lettered without an event");
-                None
-            }
             Err(abandon) => return abandon.ending(job.assigned_id.then_some(job.id)),
         };
         Ending::Rejected { reason, entity: job.kind.name().to_owned(), event }
     }
 
-    /// Records a rejection's failure: its event, or `None` when the job id is another job's.
-    /// A database that stays unavailable leaves the delivery to be deferred (its failure is
-    /// recorded when it comes back), not dead-lettered without a word.
+    /// Records a rejection's failure: its event, or `None` when the job id is another job's, or
+    /// when the failure itself cannot be stored (then the dead letter is all, rather than a
+    /// delivery held forever). A database that stays unavailable leaves the delivery to be
+    /// deferred (its failure is recorded when it comes back), not dead-lettered without a word.
     async fn record_rejection(
         &self,
         record: &JobRecord<'_>,
         error: &JobError,
         hold: Instant,
     ) -> Result<Option<OutboxEvent>, Abandon> {
-        let event = self.with_db_retries(hold, || self.store.record_rejection(record, error)).await?;
+        let event = match self.with_db_retries(hold, || self.store.record_rejection(record, error)).await {
+            Err(Abandon::Data(error)) => {
+                tracing::error!(%error, "the failed job could not be recorded; it is dead-lettered without an event");
+                return Ok(None);
+            }
+            event => event?,
+        };
         if event.is_none() {
             tracing::warn!(
                 "the job id belongs to another job: the rejection is recorded in the dead-letter queue only"
@@ -443,30 +440,38 @@ impl Worker {
             }
             Disposition::DeadLetter { reason, entity, kind } => {
                 let copy = publisher.dead_letter(&delivery.data, &delivery.properties, &reason);
-                match self.bounded(hold, copy).await {
-                    Ok(()) => {
-                        self.metrics.dead_lettered(&entity, kind);
-                        acknowledge(delivery).await
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, "cannot dead-letter the message; leaving it for redelivery");
-                        self.pause_then_requeue(delivery).await
-                    }
+                let acked = self.copy_then_ack(delivery, hold, copy, "the dead-letter queue").await;
+                if acked {
+                    self.metrics.dead_lettered(&entity, kind);
                 }
+                acked
             }
             Disposition::Defer { reason, message_id } => {
                 let delay = Duration::from_secs(self.settings.broker.defer_secs);
                 let copy = publisher.defer(&delivery.data, &delivery.properties, message_id, delay);
-                match self.bounded(hold, copy).await {
-                    Ok(()) => {
-                        self.metrics.deferred(reason);
-                        acknowledge(delivery).await
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, "cannot move the delivery to the delay queue; leaving it for redelivery");
-                        self.pause_then_requeue(delivery).await
-                    }
+                let acked = self.copy_then_ack(delivery, hold, copy, "the delay queue").await;
+                if acked {
+                    self.metrics.deferred(reason);
                 }
+                acked
+            }
+        }
+    }
+
+    /// Acks a delivery once its `copy` (to `queue`) is confirmed; a broker that would not take
+    /// the copy gets the delivery back. Whether it was acked.
+    async fn copy_then_ack(
+        &self,
+        delivery: &Delivery,
+        hold: Instant,
+        copy: impl Future<Output = Result<(), PublishError>>,
+        queue: &str,
+    ) -> bool {
+        match self.bounded(hold, copy).await {
+            Ok(()) => acknowledge(delivery).await,
+            Err(error) => {
+                tracing::error!(%error, "cannot copy the delivery to {queue}; leaving it for redelivery");
+                self.pause_then_requeue(delivery).await
             }
         }
     }

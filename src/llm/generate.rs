@@ -121,7 +121,6 @@ pub async fn generate(
         } else {
             let verdict = match strategy.answer(&completion) {
                 Answer::Refused(reason) => {
-                    let reason = crate::text::message(&reason);
                     return Ok(Generation { outcome: Err(JobError::new(ErrorKind::Refused, reason)), trace });
                 }
                 Answer::Invalid(why) => Err(why),
@@ -146,7 +145,7 @@ pub async fn generate(
         strategy.append_reask(&mut messages, &completion, last_failure.insert(error));
     };
     let message = format!("no valid answer after {} attempt(s); last error: {last_error}", trace.attempts);
-    Ok(Generation { outcome: Err(JobError::new(ErrorKind::Validation, crate::text::message(&message))), trace })
+    Ok(Generation { outcome: Err(JobError::new(ErrorKind::Validation, message)), trace })
 }
 
 /// What a re-ask says about an answer cut off at the token limit.
