@@ -171,8 +171,3 @@ pub async fn relay_pending(store: &Store, publisher: &Publisher, min_age: Durati
     }
     Ok(published)
 }
-
-/// Events committed but not yet confirmed.
-pub async fn count_pending(store: &Store) -> Result<u64, DbErr> {
-    outbox::count_pending(store.db()).await
-}

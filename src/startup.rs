@@ -229,7 +229,7 @@ async fn upkeep(store: Store, metrics: Metrics, stop: CancellationToken) {
     let mut every = tokio::time::interval(Duration::from_secs(5));
     while tokio::select! { _ = every.tick() => true, _ = stop.cancelled() => false } {
         metrics.run_upkeep();
-        match relay::count_pending(&store).await {
+        match crate::store::outbox::count_pending(store.db()).await {
             Ok(pending) => metrics.outbox_pending(pending),
             Err(error) => tracing::debug!(%error, "counting pending events failed"),
         }

@@ -128,10 +128,6 @@ impl Store {
     pub fn db(&self) -> &DatabaseConnection {
         &self.db
     }
-
-    pub fn settings(&self) -> &StoreSettings {
-        &self.settings
-    }
 }
 
 /// After a batch failed with `error`: when the fault may lie with one item (a constraint an
