@@ -2,7 +2,6 @@
 //! transactional outbox); a rejected request's failure; and the event a duplicate of a
 //! finished job is answered with.
 
-use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -40,7 +39,7 @@ struct FinishRow<'a> {
     record_id: Option<Uuid>,
     error: Option<&'a JobError>,
     usage: Usage,
-    responses: Vec<Cow<'a, Value>>,
+    responses: Vec<Box<RawValue>>,
     event_id: Uuid,
     routing_key: &'a str,
     correlation_id: &'a str,
@@ -171,20 +170,22 @@ pub fn reannouncement(job: &JobRecord<'_>, stored: &StoredEvent) -> Result<Outbo
 
 /// The raw responses as the job row keeps them: NUL characters written out (Postgres
 /// `jsonb` refuses them), and at most `max_bytes` of them; each one past that is replaced by
-/// a note of its size.
-fn storable_responses(responses: &[Value], max_bytes: usize) -> Vec<Cow<'_, Value>> {
+/// a note of its size. Serialized here, once: the bytes measured are the bytes embedded in
+/// the row.
+fn storable_responses(responses: &[Value], max_bytes: usize) -> Vec<Box<RawValue>> {
     let mut kept = 0usize;
     responses
         .iter()
         .map(|response| {
-            let response = text::storable_json(response);
-            let size = serde_json::to_vec(&*response).map_or(usize::MAX, |bytes| bytes.len());
-            kept = kept.saturating_add(size);
-            if kept <= max_bytes {
-                response
+            let text = serde_json::to_string(&*text::storable_json(response)).expect("JSON serializes");
+            kept = kept.saturating_add(text.len());
+            let text = if kept <= max_bytes {
+                text
             } else {
-                Cow::Owned(json!({"omitted": format!("{size} bytes, over limits.max_responses_bytes ({max_bytes})")}))
-            }
+                let note = format!("{} bytes, over limits.max_responses_bytes ({max_bytes})", text.len());
+                json!({ "omitted": note }).to_string()
+            };
+            RawValue::from_string(text).expect("serde_json wrote JSON")
         })
         .collect()
 }
@@ -262,11 +263,12 @@ mod tests {
     fn responses_are_kept_up_to_the_cap_and_noted_past_it() {
         let big = json!({"content": "x".repeat(600)});
         let responses = vec![big.clone(), big.clone(), json!({"content": "a\u{0}b"})];
-        let kept = storable_responses(&responses, 1024);
-        assert_eq!(*kept[0], big);
+        let parse = |raw: &RawValue| serde_json::from_str::<Value>(raw.get()).unwrap();
+        let kept: Vec<Value> = storable_responses(&responses, 1024).iter().map(|raw| parse(raw)).collect();
+        assert_eq!(kept[0], big);
         assert!(kept[1]["omitted"].as_str().unwrap().contains("over limits.max_responses_bytes (1024)"));
         assert!(kept[2]["omitted"].is_string(), "the cap counts every response before");
         let with_nul = storable_responses(&responses[2..], 1024);
-        assert_eq!(*with_nul[0], json!({"content": "a\\u0000b"}));
+        assert_eq!(parse(&with_nul[0]), json!({"content": "a\\u0000b"}));
     }
 }
