@@ -229,16 +229,24 @@ where
 /// other, so that the model is asked again rather than the insert failing.
 pub fn parse_answer<T: serde::de::DeserializeOwned>(answer: &str) -> Result<T, String> {
     let answer = escape_control_characters(answer);
+    let describe = |error: serde_path_to_error::Error<serde_json::Error>| {
+        let path = error.path().to_string();
+        describe_json_error(&path, &error.into_inner())
+    };
+    // (Raw NULs were escaped above.) Only an answer that may hold one is read twice: into a
+    // `Value`, to name the field, then into `T`; the others straight into `T`.
+    if !answer.contains("\\u0000") {
+        let mut deserializer = serde_json::Deserializer::from_str(&answer);
+        let value = serde_path_to_error::deserialize(&mut deserializer).map_err(describe)?;
+        deserializer.end().map_err(|error| describe_json_error(".", &error))?;
+        return Ok(value);
+    }
     let value: Value = serde_json::from_str(&answer).map_err(|error| describe_json_error(".", &error))?;
     if let Some(path) = crate::text::nul_path(&value) {
         let field = if path.is_empty() { "the answer".to_owned() } else { path };
         return Err(format!("{field}: must not contain the NUL character (\\u0000)"));
     }
-    serde_path_to_error::deserialize(value).map_err(|error| {
-        let path = error.path().to_string();
-        let inner = error.into_inner();
-        describe_json_error(&path, &inner)
-    })
+    serde_path_to_error::deserialize(value).map_err(describe)
 }
 
 /// `text` with every raw control character inside a JSON string escaped (`\n`, `\u0007`…).
