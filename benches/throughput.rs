@@ -69,6 +69,10 @@ struct Args {
     /// Skip the ceiling runs.
     #[arg(long)]
     no_ceiling: bool,
+    /// Run this executable in the daemon's place (with the same arguments and environment),
+    /// e.g. a script that profiles it; it must `exec` the daemon, whose pid the figures read.
+    #[arg(long, default_value = env!("CARGO_BIN_EXE_instructd"))]
+    daemon: std::path::PathBuf,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -194,7 +198,7 @@ async fn main() -> anyhow::Result<()> {
     let scenarios: Vec<Scenario> =
         args.scenarios.iter().map(|s| s.parse()).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;
     let llm = FakeLlm::start().await?;
-    println!("instructd throughput benchmark: {} CPUs, binary {}", num_cpus(), env!("CARGO_BIN_EXE_instructd"));
+    println!("instructd throughput benchmark: {} CPUs, binary {}", num_cpus(), args.daemon.display());
     let mut rows = Vec::new();
     for scenario in &scenarios {
         let jobs = args.jobs.unwrap_or_else(|| {
@@ -211,7 +215,7 @@ async fn main() -> anyhow::Result<()> {
                     report(&format!("ceiling   {case}"), &run);
                     Some(run)
                 };
-                let instructd = run_instructd(case, jobs, &llm).await?;
+                let instructd = run_instructd(&args.daemon, case, jobs, &llm).await?;
                 report(&format!("instructd {case}"), &instructd);
                 rows.push((case, ceiling, instructd));
             }
@@ -220,7 +224,7 @@ async fn main() -> anyhow::Result<()> {
     if let (Some(jobs), Some(first)) = (args.soak, scenarios.first()) {
         llm.set_latency(first.latency);
         let case = Case { scenario: *first, transport: args.postgres[0], mode: Mode::Window };
-        let soak = run_instructd(case, jobs, &llm).await?;
+        let soak = run_instructd(&args.daemon, case, jobs, &llm).await?;
         report(&format!("soak      {case}, {jobs} jobs"), &soak);
     }
     print_table(&rows);
@@ -482,14 +486,20 @@ async fn drive(
 // ---------------------------------------------------------------------------------------
 // instructd
 
-async fn run_instructd(case: Case, jobs: usize, llm: &FakeLlm) -> anyhow::Result<Run> {
+async fn run_instructd(daemon: &std::path::Path, case: Case, jobs: usize, llm: &FakeLlm) -> anyhow::Result<Run> {
     let names = fresh_names(case.transport).await?;
-    let run = instructd_under(&names, case, jobs, llm).await;
+    let run = instructd_under(daemon, &names, case, jobs, llm).await;
     clean_up(&names).await;
     run
 }
 
-async fn instructd_under(names: &Names, case: Case, jobs: usize, llm: &FakeLlm) -> anyhow::Result<Run> {
+async fn instructd_under(
+    daemon: &std::path::Path,
+    names: &Names,
+    case: Case,
+    jobs: usize,
+    llm: &FakeLlm,
+) -> anyhow::Result<Run> {
     let scenario = case.scenario;
     let (connection, channel, events) = driver(names, scenario).await?;
     let origin = Instant::now();
@@ -499,7 +509,7 @@ async fn instructd_under(names: &Names, case: Case, jobs: usize, llm: &FakeLlm) 
     let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let mut env = settings_for(names, Some(llm.addr), scenario);
     env.insert("INSTRUCTD__HTTP__LISTEN".into(), http.to_string());
-    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_instructd"))
+    let mut daemon = tokio::process::Command::new(daemon)
         .arg("run")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())

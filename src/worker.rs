@@ -187,10 +187,12 @@ impl Worker {
     pub async fn run_job(&self, delivery: Delivery, publisher: &Publisher, slot: Slot) {
         let _in_flight = self.metrics.in_flight();
         let hold = Instant::now() + Duration::from_secs(self.settings.worker.max_hold_secs);
-        let ending = self.work(&delivery, hold).await;
+        // Each phase is boxed: a job's task then holds only the phase it is in, not room for
+        // the largest of them all (thousands of jobs wait on their model at once).
+        let ending = Box::pin(self.work(&delivery, hold)).await;
         let disposition = disposition(&ending);
-        if self.carry_out(&delivery, publisher, &ending, disposition, hold).await {
-            self.announce(publisher, ending, slot).await;
+        if Box::pin(self.carry_out(&delivery, publisher, &ending, disposition, hold)).await {
+            Box::pin(self.announce(publisher, ending, slot)).await;
         }
     }
 
@@ -199,7 +201,7 @@ impl Worker {
         let job =
             match decode(&delivery.data, &delivery.properties, delivery.redelivered, &self.registry, &self.settings) {
                 Ok(job) => job,
-                Err(rejection) => return self.reject(*rejection, hold).await,
+                Err(rejection) => return Box::pin(self.reject(*rejection, hold)).await,
             };
         let span = tracing::Span::current();
         span.record("job_id", tracing::field::display(job.id));
@@ -211,9 +213,9 @@ impl Worker {
             return Ending::Postponed { reason: DeferReason::Claimed, message_id };
         };
         let record = job.record();
-        let claim = match self.with_db_retries(hold, || self.store.claim_job(&record)).await {
+        let claim = match Box::pin(self.with_db_retries(hold, || self.store.claim_job(&record))).await {
             Ok(claim) => claim,
-            Err(Abandon::Data(error)) => return self.reject_unstorable(&job, &error, hold).await,
+            Err(Abandon::Data(error)) => return Box::pin(self.reject_unstorable(&job, &error, hold)).await,
             Err(abandon) => return abandon.ending(message_id),
         };
         match claim {
@@ -235,7 +237,7 @@ impl Worker {
                 // deferrals): either says how often a worker died holding this job.
                 let previous = job.previous_deliveries.max(u64::from(takeovers));
                 if previous >= u64::from(self.settings.broker.delivery_limit) {
-                    return self.give_up(&job, token, previous, hold).await;
+                    return Box::pin(self.give_up(&job, token, previous, hold)).await;
                 }
                 self.generate_and_store(&job, token, age, hold).await
             }
@@ -264,7 +266,7 @@ impl Worker {
         let generation = tokio::select! {
             generation = llm::generate(&self.llm, &self.settings.llm, prompt) => generation,
             // The call in flight is dropped: the grace period is over.
-            _ = self.abort.cancelled() => return self.hand_back(job.id, token, Ending::Interrupted).await,
+            _ = self.abort.cancelled() => return Box::pin(self.hand_back(job.id, token, Ending::Interrupted)).await,
         };
         let give_up_after = Duration::from_secs(self.settings.llm.give_up_after_secs);
         let generation = match generation {
@@ -272,7 +274,7 @@ impl Worker {
             Err(unavailable) if age + started.elapsed() < give_up_after => {
                 tracing::warn!(last_error = %unavailable, "the provider stayed unavailable; deferring the job");
                 let ending = Ending::Postponed { reason: DeferReason::Provider, message_id };
-                return self.hand_back(job.id, token, ending).await;
+                return Box::pin(self.hand_back(job.id, token, ending)).await;
             }
             // Waited long enough: an outage of a day, or a request on which the provider fails
             // every call while nothing else runs (its own failures keep the circuit open).
@@ -285,6 +287,20 @@ impl Worker {
                 llm::Generation { outcome: Err(JobError::new(ErrorKind::Llm, message)), trace: CallTrace::default() }
             }
         };
+        Box::pin(self.store_generation(job, token, &generation, started, hold)).await
+    }
+
+    /// Stores a generation's outcome (the record, or the failure when the record cannot be
+    /// stored): what was committed.
+    async fn store_generation(
+        &self,
+        job: &Job,
+        token: Uuid,
+        generation: &llm::Generation,
+        started: Instant,
+        hold: Instant,
+    ) -> Ending {
+        let message_id = job.assigned_id.then_some(job.id);
         let record = job.record();
         let failure;
         let mut outcome = Outcome { result: generation.outcome.as_ref(), trace: &generation.trace };
