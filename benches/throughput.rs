@@ -42,6 +42,9 @@ use uuid::Uuid;
 #[allow(dead_code)]
 #[path = "../tests/api/helpers.rs"]
 mod helpers;
+#[allow(dead_code)]
+#[path = "../tests/api/https_provider.rs"]
+mod https_provider;
 
 use helpers::{broker_url, create_database, listen};
 
@@ -69,6 +72,10 @@ struct Args {
     /// Skip the ceiling runs.
     #[arg(long)]
     no_ceiling: bool,
+    /// The fake provider: `https`, as hosted providers serve (TLS, HTTP/2 by ALPN, at most
+    /// 100 streams a connection), or `http`, plain HTTP/1.1 (a model server on the host).
+    #[arg(long, value_enum, default_value_t = Provider::Https)]
+    provider: Provider,
     /// Run this executable in the daemon's place (with the same arguments and environment),
     /// e.g. a script that profiles it; it must `exec` the daemon, whose pid the figures read.
     #[arg(long, default_value = env!("CARGO_BIN_EXE_instructd"))]
@@ -96,6 +103,13 @@ impl std::str::FromStr for Scenario {
         }
         Ok(Scenario { latency: Duration::from_millis(latency), concurrency })
     }
+}
+
+/// How the fake provider is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Provider {
+    Https,
+    Http,
 }
 
 /// How the daemon and the ceiling reach Postgres.
@@ -197,7 +211,7 @@ async fn main() -> anyhow::Result<()> {
     instructd::install_crypto_provider();
     let scenarios: Vec<Scenario> =
         args.scenarios.iter().map(|s| s.parse()).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;
-    let llm = FakeLlm::start().await?;
+    let llm = FakeLlm::start(args.provider).await?;
     println!("instructd throughput benchmark: {} CPUs, binary {}", num_cpus(), args.daemon.display());
     let mut rows = Vec::new();
     for scenario in &scenarios {
@@ -331,7 +345,7 @@ async fn fresh_names(transport: Transport) -> anyhow::Result<Names> {
     })
 }
 
-fn settings_for(names: &Names, llm: Option<SocketAddr>, scenario: Scenario) -> HashMap<String, String> {
+fn settings_for(names: &Names, llm: Option<&FakeLlm>, scenario: Scenario) -> HashMap<String, String> {
     let mut env: HashMap<String, String> = [
         ("INSTRUCTD__DATABASE__URL", names.database_url.clone()),
         ("INSTRUCTD__BROKER__URL", broker_url()),
@@ -349,7 +363,10 @@ fn settings_for(names: &Names, llm: Option<SocketAddr>, scenario: Scenario) -> H
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     if let Some(llm) = llm {
-        env.insert("INSTRUCTD__LLM__BASE_URL".into(), format!("http://{llm}/v1"));
+        env.insert("INSTRUCTD__LLM__BASE_URL".into(), llm.base_url.clone());
+        if let Some(ca) = &llm.ca_file {
+            env.insert("INSTRUCTD__LLM__CA_FILE".into(), ca.clone());
+        }
     }
     // Settings to try (e.g. INSTRUCTD__DATABASE__MAX_CONNECTIONS=32) reach both runs.
     env.extend(std::env::vars().filter(|(key, _)| key.starts_with("INSTRUCTD__")));
@@ -507,7 +524,7 @@ async fn instructd_under(
         prefill(&channel, &names.request_queue, jobs, origin).await?;
     }
     let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let mut env = settings_for(names, Some(llm.addr), scenario);
+    let mut env = settings_for(names, Some(llm), scenario);
     env.insert("INSTRUCTD__HTTP__LISTEN".into(), http.to_string());
     let mut daemon = tokio::process::Command::new(daemon)
         .arg("run")
@@ -693,16 +710,22 @@ async fn ceiling_under(names: &Names, case: Case, jobs: usize) -> anyhow::Result
 // ---------------------------------------------------------------------------------------
 // The fake LLM: a chat-completions endpoint that answers one valid Hero after a delay.
 
+/// The fake chat-completions provider: it answers every call with the same tool call, after
+/// the scenario's latency.
 struct FakeLlm {
-    addr: SocketAddr,
+    base_url: String,
+    /// The CA of the HTTPS provider's certificate.
+    ca_file: Option<String>,
     latency_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// Serves while it lives.
+    _https: Option<https_provider::HttpsProvider>,
 }
 
 impl FakeLlm {
-    async fn start() -> anyhow::Result<Self> {
+    async fn start(provider: Provider) -> anyhow::Result<Self> {
         use axum::http::header::CONTENT_TYPE;
         let arguments = json!({"name": "Bench", "secret_name": "Mark", "age": 30}).to_string();
-        let body: &'static [u8] = serde_json::to_vec(&json!({
+        let body = bytes::Bytes::from(serde_json::to_vec(&json!({
             "id": "chatcmpl-bench",
             "object": "chat.completion",
             "created": 1,
@@ -715,26 +738,43 @@ impl FakeLlm {
                 "finish_reason": "tool_calls"
             }],
             "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
-        }))?
-        .leak();
+        }))?);
         let latency_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let delay = latency_ms.clone();
+        let wait = move || {
+            let delay = Duration::from_millis(delay.load(std::sync::atomic::Ordering::Relaxed));
+            async move {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        };
+        if provider == Provider::Https {
+            let https = https_provider::HttpsProvider::start(100, move |_request| {
+                let (wait, body) = (wait.clone(), body.clone());
+                async move {
+                    wait().await;
+                    https_provider::json_response(body)
+                }
+            })
+            .await;
+            let ca_file = https_provider::test_ca().to_string_lossy().into_owned();
+            return Ok(Self { base_url: https.base_url(), ca_file: Some(ca_file), latency_ms, _https: Some(https) });
+        }
         let app = axum::Router::new().route(
             "/v1/chat/completions",
             axum::routing::post(move || {
-                let delay = Duration::from_millis(delay.load(std::sync::atomic::Ordering::Relaxed));
+                let (wait, body) = (wait.clone(), body.clone());
                 async move {
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
+                    wait().await;
                     ([(CONTENT_TYPE, "application/json")], body)
                 }
             }),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
+        let addr: SocketAddr = listener.local_addr()?;
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Ok(Self { addr, latency_ms })
+        Ok(Self { base_url: format!("http://{addr}/v1"), ca_file: None, latency_ms, _https: None })
     }
 
     fn set_latency(&self, latency: Duration) {

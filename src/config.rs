@@ -152,6 +152,13 @@ pub struct LlmSettings {
     #[serde(default)]
     pub temperature: Option<f32>,
     pub max_concurrency: u32,
+    /// PEM file of the CA(s) that sign the provider's certificate (a gateway with a private
+    /// CA), beside the platform's trust store; empty: the platform's trust store only.
+    pub ca_file: String,
+    /// Calls sent over one HTTP/2 connection at most: calls are spread over
+    /// `max concurrent calls ÷ this` connections (a provider's server caps the streams of a
+    /// connection, and the calls past the cap would wait).
+    pub streams_per_connection: u32,
 }
 
 impl LlmSettings {
@@ -395,6 +402,7 @@ impl Settings {
             "must be at least llm.circuit_min_open_secs",
         )?;
         ensure(self.llm.max_response_bytes >= 1024, "llm.max_response_bytes", "must be at least 1024")?;
+        ensure(self.llm.streams_per_connection >= 1, "llm.streams_per_connection", "must be at least 1")?;
         ensure(
             self.llm.give_up_after_secs >= self.llm.job_timeout_secs,
             "llm.give_up_after_secs",
@@ -423,13 +431,21 @@ impl Settings {
             "llm.job_timeout_secs",
             "must be at least llm.request_timeout_secs",
         )?;
-        for (key, file) in [("broker.ca_file", &self.broker.ca_file), ("database.ca_file", &self.database.ca_file)] {
+        for (key, file) in [
+            ("broker.ca_file", &self.broker.ca_file),
+            ("database.ca_file", &self.database.ca_file),
+            ("llm.ca_file", &self.llm.ca_file),
+        ] {
             ensure(file.is_empty() || Path::new(file).is_file(), key, "no such file")?;
         }
         // A CA file that would silently verify nothing is refused.
         if !self.broker.ca_file.is_empty() {
             let scheme = url::Url::parse(self.broker.url.expose_secret()).map(|u| u.scheme().to_owned());
             ensure(scheme.as_deref() == Ok("amqps"), "broker.ca_file", "needs an amqps:// broker.url")?;
+        }
+        if !self.llm.ca_file.is_empty() {
+            let scheme = url::Url::parse(&self.llm.base_url).map(|u| u.scheme().to_owned());
+            ensure(scheme.as_deref() == Ok("https"), "llm.ca_file", "needs an https:// llm.base_url")?;
         }
         if !self.database.ca_file.is_empty() {
             let url = url::Url::parse(self.database.url.expose_secret()).ok();

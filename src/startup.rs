@@ -419,14 +419,18 @@ async fn drain(worker: &Worker, tracker: &TaskTracker) {
 }
 
 /// Runs `job`, catching a panic: what it said, bounded, if it panicked.
-pub async fn catch_panic(job: impl Future<Output = ()>) -> Result<(), String> {
-    std::panic::AssertUnwindSafe(job).catch_unwind().await.map_err(|panic| {
-        let said = panic
-            .downcast_ref::<&str>()
-            .copied()
-            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-            .unwrap_or("(not text)");
-        text::message(said)
+/// (Not an `async fn`, whose future would hold the job's twice: as its argument, and as
+/// what it awaits.)
+pub fn catch_panic(job: impl Future<Output = ()>) -> impl Future<Output = Result<(), String>> {
+    std::panic::AssertUnwindSafe(job).catch_unwind().map(|caught| {
+        caught.map_err(|panic| {
+            let said = panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("(not text)");
+            text::message(said)
+        })
     })
 }
 

@@ -19,6 +19,7 @@ use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use tracing::field::Empty;
 use uuid::Uuid;
 
@@ -183,8 +184,24 @@ impl Worker {
     /// Runs one delivery to its end. Never fails: every path ends in an ack (outcome
     /// committed, dead-lettered or deferred), or a requeue (shutdown, a broker that would not
     /// take a copy).
-    #[tracing::instrument(name = "job", skip_all, fields(job_id = Empty, entity = Empty, attempt = Empty, redelivered = delivery.redelivered))]
-    pub async fn run_job(&self, delivery: Delivery, publisher: &Publisher, slot: Slot) {
+    pub fn run_job<'a>(
+        &'a self,
+        delivery: Delivery,
+        publisher: &'a Publisher,
+        slot: Slot,
+    ) -> impl Future<Output = ()> + Send + 'a {
+        // (Not `#[tracing::instrument]`, whose future holds the job's twice.)
+        let span = tracing::info_span!(
+            "job",
+            job_id = Empty,
+            entity = Empty,
+            attempt = Empty,
+            redelivered = delivery.redelivered
+        );
+        self.run(delivery, publisher, slot).instrument(span)
+    }
+
+    async fn run(&self, delivery: Delivery, publisher: &Publisher, slot: Slot) {
         let _in_flight = self.metrics.in_flight();
         let hold = Instant::now() + Duration::from_secs(self.settings.worker.max_hold_secs);
         // Each phase is boxed: a job's task then holds only the phase it is in, not room for

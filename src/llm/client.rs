@@ -1,23 +1,22 @@
-//! The provider client: async-openai over a reqwest client we build, with async-openai's
-//! own retry layer replaced by a plain transport ([`transport`]) so that the retry policy
-//! lives in one place ([`super::retry`]) and failed calls keep their status code and
-//! `Retry-After` header.
+//! The provider client: async-openai's request types, sent with reqwest clients we build
+//! ([`LlmClient::post`]): one attempt per call, so that the retry policy lives in one place
+//! ([`super::retry`]), failed calls keep their status code and `Retry-After` header, and a
+//! response is read once, up to a bound.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_openai::Client;
-use async_openai::config::OpenAIConfig;
-use async_openai::error::OpenAIError;
-use async_openai::middleware::HttpRequestFactory;
+use anyhow::Context;
 use async_openai::types::chat::CreateChatCompletionRequest;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::time::Instant;
 
 use super::circuit::{Circuit, CircuitState};
 use super::limit::AdaptiveLimit;
-use super::retry::{BodyTooLarge, RetryPolicy, TransportError, parse_retry_after};
+use super::retry::{RetryPolicy, TransportError, parse_retry_after};
 use crate::config::LlmSettings;
 use crate::contract::Usage;
 use crate::metrics::{CallOutcome, Metrics};
@@ -29,7 +28,15 @@ const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 /// A chat-completions client with timeouts, transport retries and a circuit breaker.
 #[derive(Clone)]
 pub struct LlmClient {
-    client: Client<OpenAIConfig>,
+    /// The HTTP clients calls are spread over, in turn ([`http_clients`]).
+    http: Arc<[reqwest::Client]>,
+    turn: Arc<AtomicUsize>,
+    /// `{llm.base_url}/chat/completions`.
+    url: reqwest::Url,
+    /// `Bearer {api key}`, marked sensitive (never shown in a debug view).
+    authorization: Option<HeaderValue>,
+    /// `llm.max_response_bytes`.
+    max_body: usize,
     policy: RetryPolicy,
     /// Provider protection: concurrent calls, lowered while the provider answers 429.
     limit: Arc<AdaptiveLimit>,
@@ -100,20 +107,19 @@ impl LlmClient {
     /// our back (async-openai's `OpenAIConfig::new()` would read `OPENAI_*` variables).
     /// `max_concurrency` bounds concurrent calls (the adaptive limit starts there).
     pub fn new(settings: &LlmSettings, max_concurrency: usize, metrics: Metrics) -> anyhow::Result<Self> {
-        crate::install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(settings.request_timeout_secs.min(10)))
-            .build()?;
+        let http = http_clients(settings, max_concurrency)?;
+        let url = format!("{}/chat/completions", settings.base_url.trim_end_matches('/'));
+        let url = reqwest::Url::parse(&url).with_context(|| format!("llm.base_url: not a URL: {url}"))?;
         let api_key = settings.api_key().map(str::to_owned);
-        let config = OpenAIConfig::default()
-            .with_api_base(settings.base_url.trim_end_matches('/'))
-            .with_api_key(api_key.clone().unwrap_or_default())
-            .with_org_id("")
-            .with_project_id("");
-        let max_body = settings.max_response_bytes;
-        let client = Client::build(http.clone(), config).with_http_service(tower::service_fn(
-            move |factory: HttpRequestFactory| transport(http.clone(), factory, max_body),
-        ));
+        let authorization = match &api_key {
+            Some(key) => {
+                let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
+                    .map_err(|_| anyhow::anyhow!("llm.api_key: not a valid HTTP header value"))?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
         let circuit = Circuit::new(
             settings.circuit_failures,
             Duration::from_secs(settings.circuit_min_open_secs),
@@ -121,7 +127,11 @@ impl LlmClient {
             metrics.clone(),
         );
         Ok(Self {
-            client,
+            http,
+            turn: Arc::new(AtomicUsize::new(0)),
+            url,
+            authorization,
+            max_body: settings.max_response_bytes,
             policy: RetryPolicy::from_settings(settings),
             limit: AdaptiveLimit::new(max_concurrency, metrics.clone()),
             circuit,
@@ -225,12 +235,12 @@ impl LlmClient {
         }
         let timeout = self.request_timeout.min(remaining);
         let started = Instant::now();
-        let result = match tokio::time::timeout(timeout, self.client.chat().create_byot::<_, Value>(request)).await {
+        let result = match tokio::time::timeout(timeout, self.post(request)).await {
             // Cut short by the time the job had left, not by the provider's slowness: says
             // nothing about the provider.
             Err(_) if timeout < self.request_timeout => Err(TransportError::Deadline),
             Err(_) => Err(TransportError::Timeout(timeout)),
-            Ok(result) => result.map_err(TransportError::from).and_then(parse_completion),
+            Ok(result) => result.and_then(parse_completion),
         };
         let outcome = match &result {
             Ok(_) => CallOutcome::Ok,
@@ -243,6 +253,35 @@ impl LlmClient {
             _ => drop(permit),
         }
         result
+    }
+
+    /// Sends `request` once, over the next of the HTTP clients: the provider's JSON answer.
+    /// Reads at most `llm.max_response_bytes` of it (a provider cannot make the daemon buffer
+    /// without bound); a non-2xx answer keeps its status, `Retry-After` and message.
+    async fn post(&self, request: &CreateChatCompletionRequest) -> Result<Value, TransportError> {
+        let body = serde_json::to_vec(request)
+            .map_err(|e| TransportError::Malformed(format!("the request cannot be serialized: {e}")))?;
+        let http = &self.http[self.turn.fetch_add(1, Ordering::Relaxed) % self.http.len()];
+        let mut call = http.post(self.url.clone()).header(CONTENT_TYPE, "application/json").body(body);
+        if let Some(authorization) = &self.authorization {
+            call = call.header(AUTHORIZATION, authorization.clone());
+        }
+        let mut response = call.send().await?;
+        let status = response.status();
+        if status.is_success() {
+            let body = read_body(&mut response, self.max_body).await?.ok_or_else(|| {
+                TransportError::Malformed(format!(
+                    "the provider's response is over llm.max_response_bytes ({} bytes)",
+                    self.max_body
+                ))
+            })?;
+            return serde_json::from_slice(&body).map_err(|e| TransportError::Malformed(e.to_string()));
+        }
+        let retry_after = response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+        // Only the start of an error body is read: it is for the message.
+        let body = read_body(&mut response, MAX_ERROR_BODY_BYTES).await.ok().flatten().unwrap_or_default();
+        let message = provider_message(&String::from_utf8_lossy(&body));
+        Err(TransportError::Http { status: status.as_u16(), retry_after, message })
     }
 
     /// A provider's text as instructd passes it on: without the API key (some providers echo
@@ -290,56 +329,70 @@ fn complete_total(mut usage: Usage) -> Usage {
     usage
 }
 
-/// Executes one HTTP request for async-openai. Unlike async-openai's default executor it
-/// does not retry, it reads at most `max_body` bytes of a response (a provider cannot make
-/// the daemon buffer without bound), and a non-2xx answer becomes a [`HttpFailure`] that keeps
-/// the status and `Retry-After` for [`super::retry`].
-async fn transport(
-    http: reqwest::Client,
-    factory: HttpRequestFactory,
-    max_body: usize,
-) -> Result<reqwest::Response, OpenAIError> {
-    let request = factory.build().await?;
-    let mut response = http.execute(request).await.map_err(OpenAIError::Reqwest)?;
-    let status = response.status();
-    if status.is_success() {
-        let mut rebuilt = http::Response::builder().status(status);
-        if let Some(headers) = rebuilt.headers_mut() {
-            *headers = response.headers().clone();
-        }
-        let body = read_body(&mut response, max_body)
-            .await?
-            .ok_or_else(|| OpenAIError::Boxed(Box::new(BodyTooLarge(max_body))))?;
-        let rebuilt = rebuilt.body(body).map_err(|e| OpenAIError::InvalidArgument(e.to_string()))?;
-        return Ok(reqwest::Response::from(rebuilt));
-    }
-    let retry_after =
-        response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
-    // Only the start of an error body is read: it is for the message.
-    let body = read_body(&mut response, MAX_ERROR_BODY_BYTES).await.ok().flatten().unwrap_or_default();
-    let message = provider_message(&String::from_utf8_lossy(&body));
-    Err(OpenAIError::Boxed(Box::new(HttpFailure { status: status.as_u16(), retry_after, message })))
+/// The HTTP clients calls are spread over, in turn: enough for `max_concurrency` calls at
+/// `llm.streams_per_connection` per HTTP/2 connection.
+///
+/// Over HTTPS, a provider that offers HTTP/2 (ALPN) is spoken to in HTTP/2: calls share a
+/// connection, where each HTTP/1.1 call in flight needs one of its own (with hyper's buffers
+/// and channel, ~30 KB, and TLS state). But hyper sends one client's calls over a single
+/// HTTP/2 connection, and those past the server's cap on concurrent streams wait for a free
+/// one: hence several clients, each with its own connection. One TLS configuration (and one
+/// certificate verifier, which loads the platform's roots) is shared by them all.
+fn http_clients(settings: &LlmSettings, max_concurrency: usize) -> anyhow::Result<Arc<[reqwest::Client]>> {
+    let tls = tls_config(settings)?;
+    let connections = max_concurrency.div_ceil(settings.streams_per_connection as usize).max(1);
+    (0..connections)
+        .map(|_| {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(settings.request_timeout_secs.min(10)))
+                .tls_backend_preconfigured(tls.clone())
+                .build()
+                .context("cannot build the provider's HTTP client")
+        })
+        .collect()
+}
+
+/// TLS to the provider: the platform's trust store plus `llm.ca_file`'s CAs; HTTP/2 offered
+/// first, then HTTP/1.1.
+fn tls_config(settings: &LlmSettings) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    crate::install_crypto_provider();
+    let provider = rustls::crypto::CryptoProvider::get_default().expect("installed above").clone();
+    let extra_roots = if settings.ca_file.is_empty() {
+        Vec::new()
+    } else {
+        CertificateDer::pem_file_iter(&settings.ca_file)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .with_context(|| format!("llm.ca_file: cannot read the certificates of {}", settings.ca_file))?
+    };
+    anyhow::ensure!(
+        settings.ca_file.is_empty() || !extra_roots.is_empty(),
+        "llm.ca_file: {} holds no PEM certificate",
+        settings.ca_file
+    );
+    let verifier = rustls_platform_verifier::Verifier::new_with_extra_roots(extra_roots, provider.clone())
+        .context("cannot load the platform's trust store")?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tls)
 }
 
 /// The body of `response`, or `None` if it is over `max` bytes (reading stops there).
-async fn read_body(response: &mut reqwest::Response, max: usize) -> Result<Option<Vec<u8>>, OpenAIError> {
+async fn read_body(response: &mut reqwest::Response, max: usize) -> Result<Option<Vec<u8>>, TransportError> {
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(OpenAIError::Reqwest)? {
+    while let Some(chunk) = response.chunk().await? {
         if body.len() + chunk.len() > max {
             return Ok(None);
         }
         body.extend_from_slice(&chunk);
     }
     Ok(Some(body))
-}
-
-/// A non-2xx answer from the provider.
-#[derive(Debug, thiserror::Error)]
-#[error("HTTP {status}: {message}")]
-pub struct HttpFailure {
-    pub status: u16,
-    pub retry_after: Option<Duration>,
-    pub message: String,
 }
 
 /// The provider's own error message (`{"error": {"message": …}}`), or the start of the body;

@@ -65,8 +65,10 @@ pub async fn generate(
 ) -> Result<Generation, ProviderUnavailable> {
     let mut trace = CallTrace::default();
     let strategy = prompt.strategy;
-    let start = strategy.conversation(to_openai_messages(prompt.messages));
-    let mut messages = start.clone();
+    // The conversation lives in the request while the call is out (a job waits on its model
+    // with one copy of it, not three); it is built again for a re-ask that starts over.
+    let start = || strategy.conversation(to_openai_messages(prompt.messages));
+    let mut messages = start();
     let mut reasks = 0;
     let mut cut_off = false;
     let mut last_failure: Option<String> = None;
@@ -95,8 +97,10 @@ pub async fn generate(
         };
         trace.attempts += 1;
         tracing::Span::current().record("attempt", trace.attempts);
-        let request = strategy.request(prompt.model, messages.clone(), max_tokens, settings.temperature);
-        let completion = match client.complete(&request, prompt.deadline, prompt.hold).await {
+        let request = strategy.request(prompt.model, std::mem::take(&mut messages), max_tokens, settings.temperature);
+        let called = client.complete(&request, prompt.deadline, prompt.hold).await;
+        messages = request.messages;
+        let completion = match called {
             Ok(completion) => completion,
             Err(CallError::Unavailable { last }) => return Err(ProviderUnavailable(last)),
             Err(error) => return Ok(Generation { outcome: Err(call_failure(error)), trace }),
@@ -140,7 +144,7 @@ pub async fn generate(
             }
         };
         if settings.reask_history == ReaskHistory::Last {
-            messages.clone_from(&start);
+            messages = start();
         }
         strategy.append_reask(&mut messages, &completion, last_failure.insert(error));
     };

@@ -6,10 +6,8 @@
 
 use std::time::Duration;
 
-use async_openai::error::OpenAIError;
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-use super::client::HttpFailure;
 use crate::config::LlmSettings;
 use crate::metrics::CallOutcome;
 
@@ -64,32 +62,15 @@ impl TransportError {
     }
 }
 
-impl From<OpenAIError> for TransportError {
-    fn from(error: OpenAIError) -> Self {
-        match error {
-            OpenAIError::Boxed(boxed) => match boxed.downcast::<HttpFailure>() {
-                Ok(failure) => TransportError::Http {
-                    status: failure.status,
-                    retry_after: failure.retry_after,
-                    message: failure.message,
-                },
-                Err(other) => match other.downcast::<BodyTooLarge>() {
-                    Ok(too_large) => TransportError::Malformed(too_large.to_string()),
-                    Err(other) => TransportError::Connect(other.to_string()),
-                },
-            },
-            OpenAIError::Reqwest(e) if e.is_timeout() => TransportError::Timeout(Duration::ZERO),
-            OpenAIError::Reqwest(e) => TransportError::Connect(error_chain(&e)),
-            OpenAIError::JSONDeserialize(e, _) => TransportError::Malformed(e.to_string()),
-            other => TransportError::Malformed(other.to_string()),
+impl From<reqwest::Error> for TransportError {
+    fn from(error: reqwest::Error) -> Self {
+        if error.is_timeout() {
+            TransportError::Timeout(Duration::ZERO)
+        } else {
+            TransportError::Connect(error_chain(&error))
         }
     }
 }
-
-/// A response body over `llm.max_response_bytes`.
-#[derive(Debug, thiserror::Error)]
-#[error("the provider's response is over llm.max_response_bytes ({0} bytes)")]
-pub struct BodyTooLarge(pub usize);
 
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();

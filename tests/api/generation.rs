@@ -69,6 +69,11 @@ async fn a_request_becomes_one_hero_row_a_succeeded_job_and_an_event() {
     assert_eq!(call["tool_choice"], json!({"type": "function", "function": {"name": "Hero"}}));
     assert_eq!(call["messages"], json!([{"role": "user", "content": "Make a new superhero"}]));
     assert!(call.get("temperature").is_none(), "the provider's default temperature unless configured");
+    let received = app.llm.received_requests().await.unwrap();
+    let headers = &received[0].headers;
+    assert_eq!(headers.get("authorization").unwrap(), "Bearer sk-test-key-0123456789");
+    assert_eq!(headers.get("content-type").unwrap(), "application/json");
+    assert_eq!(received[0].url.path(), "/v1/chat/completions");
     app.stop().await;
 }
 

@@ -10,6 +10,7 @@ mod enqueue;
 mod generation;
 mod helpers;
 mod hostile;
+mod https_provider;
 mod idempotency;
 mod modes;
 mod operating;

@@ -1,20 +1,16 @@
-//! TLS to RabbitMQ and Postgres, verified against a CA file from the configuration. Needs
-//! the listeners `scripts/tls-services.sh` sets up: amqps on 5671 and Postgres with ssl on,
-//! both with a certificate for `localhost` signed by a CA it generates.
+//! TLS to RabbitMQ, Postgres and the provider, verified against CA files from the
+//! configuration. Needs the listeners `scripts/tls-services.sh` sets up: amqps on 5671 and
+//! Postgres with ssl on, both with a certificate for `localhost` signed by a CA it generates
+//! (which the tests' HTTPS provider serves too).
 
-use std::path::PathBuf;
+use std::sync::Arc;
 
+use bytes::Bytes;
 use instructd::config::Settings;
 use wiremock::MockServer;
 
 use crate::helpers::*;
-
-fn test_ca() -> PathBuf {
-    let dir = std::env::var("INSTRUCTD_TLS_DIR").unwrap_or_else(|_| "/var/lib/instructd-tls".to_owned());
-    let ca = PathBuf::from(dir).join("ca.pem");
-    assert!(ca.is_file(), "{} is missing: run scripts/tls-services.sh", ca.display());
-    ca
-}
+use crate::https_provider::{HttpsProvider, json_response, test_ca};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_talks_verified_tls_to_rabbitmq_and_postgres_with_a_ca_file() {
@@ -60,6 +56,12 @@ fn a_ca_file_that_is_missing_or_would_verify_nothing_stops_start_up_naming_the_k
     let cases = [
         (vec![("INSTRUCTD__BROKER__CA_FILE", "/nonexistent/ca.pem")], "broker.ca_file: no such file"),
         (vec![("INSTRUCTD__BROKER__CA_FILE", ca)], "broker.ca_file: needs an amqps:// broker.url"),
+        (vec![("INSTRUCTD__LLM__CA_FILE", "/nonexistent/ca.pem")], "llm.ca_file: no such file"),
+        (
+            vec![("INSTRUCTD__LLM__CA_FILE", ca), ("INSTRUCTD__LLM__BASE_URL", "http://localhost:8080/v1")],
+            "llm.ca_file: needs an https:// llm.base_url",
+        ),
+        (vec![("INSTRUCTD__LLM__STREAMS_PER_CONNECTION", "0")], "llm.streams_per_connection: must be at least 1"),
         (
             vec![("INSTRUCTD__DATABASE__CA_FILE", ca)],
             "database.ca_file: needs sslmode=verify-full (or verify-ca) in database.url",
@@ -77,4 +79,54 @@ fn a_ca_file_that_is_missing_or_would_verify_nothing_stops_start_up_naming_the_k
         let err = Settings::load_from(None, env).unwrap_err();
         assert!(format!("{err:#}").contains(expected), "{err:#}");
     }
+}
+
+/// Hosted providers speak HTTP/2 over TLS and cap the concurrent streams of a connection
+/// (commonly at 100 to 256); hyper sends one client's calls over one HTTP/2 connection, where
+/// those past the cap wait. The provider here allows 2 streams a connection and answers no
+/// call before all the jobs' calls are in: a call held back behind a full connection would
+/// never come, and no job would finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_to_an_http2_provider_are_spread_over_connections_within_its_stream_cap() {
+    const JOBS: usize = 8;
+    let all_in = Arc::new(tokio::sync::Barrier::new(JOBS));
+    let versions = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let answer =
+        Bytes::from(tool_call_completion("Hero", r#"{"name": "Streamer", "secret_name": "Multiplex"}"#).to_string());
+    let provider = HttpsProvider::start(2, {
+        let (all_in, versions) = (all_in.clone(), versions.clone());
+        move |request: hyper::Request<hyper::body::Incoming>| {
+            let (all_in, versions, answer) = (all_in.clone(), versions.clone(), answer.clone());
+            async move {
+                versions.lock().unwrap().push(request.version());
+                all_in.wait().await;
+                json_response(answer)
+            }
+        }
+    })
+    .await;
+    let unused = MockServer::start().await;
+    let mut env = test_env(&unused, &create_database().await);
+    for (key, value) in [
+        ("INSTRUCTD__LLM__BASE_URL", provider.base_url()),
+        ("INSTRUCTD__LLM__CA_FILE", test_ca().to_str().unwrap().to_owned()),
+        ("INSTRUCTD__LLM__STREAMS_PER_CONNECTION", "2".to_owned()),
+        ("INSTRUCTD__WORKER__CONCURRENCY", JOBS.to_string()),
+    ] {
+        env.insert(key.into(), value);
+    }
+    let mut app = spawn_app_with(Settings::load_from(None, env).unwrap(), unused).await;
+
+    for n in 0..JOBS {
+        app.publish(&request("hero", &format!("Make hero {n}"))).await;
+    }
+    for _ in 0..JOBS {
+        assert_eq!(app.next_event().await.routing_key, "job.succeeded.hero");
+    }
+
+    let versions = versions.lock().unwrap().clone();
+    assert_eq!(versions, vec![hyper::Version::HTTP_2; JOBS], "every call went over HTTP/2");
+    assert!(provider.connections() >= JOBS / 2, "{} connections for {JOBS} calls", provider.connections());
+    assert_eq!(provider.http2_connections(), provider.connections());
+    app.stop().await;
 }
