@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use lapin::BasicProperties;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::config::Settings;
@@ -22,7 +23,7 @@ pub struct Job {
     pub kind: Arc<dyn EntityKind>,
     pub request: GenerationRequest,
     /// The request as received, kept on the job row.
-    pub raw: Value,
+    pub raw: Box<RawValue>,
     pub metadata: Value,
     pub model: String,
     pub max_retries: u32,
@@ -46,7 +47,8 @@ pub struct Rejection {
     pub entity: String,
     /// The registered entity's name, if the named one exists.
     pub routing_entity: Option<&'static str>,
-    pub raw: Value,
+    /// The request as received (`null` when it cannot be stored).
+    pub raw: Box<RawValue>,
     pub metadata: Value,
     pub correlation_id: String,
     pub reply_to: Option<String>,
@@ -105,7 +107,7 @@ pub fn decode(
         job_id: message_id.unwrap_or_else(Uuid::new_v4),
         entity: "unknown".to_owned(),
         routing_entity: None,
-        raw: Value::Null,
+        raw: RawValue::NULL.to_owned(),
         metadata: Value::Null,
         correlation_id: String::new(),
         reply_to: reply_to.clone(),
@@ -132,7 +134,8 @@ pub fn decode(
     // its failure recorded without it.
     let nul = contains_nul(&raw);
     if !nul {
-        rejection.raw = raw.clone();
+        // Its text, as received: the parsed `raw` is not kept past decoding.
+        rejection.raw = serde_json::from_slice(body).expect("parsed above");
     }
     // Measured once: checked below, and echoed in a failed event unless it is over the limit.
     let metadata_bytes = raw.get("metadata").filter(|metadata| !metadata.is_null()).map_or(0, json_size);
@@ -160,7 +163,7 @@ pub fn decode(
         let reason = format!("the AMQP property {property} contains a NUL character, which Postgres cannot store");
         return reject(rejection, reason);
     }
-    let request: GenerationRequest = match serde_path_to_error::deserialize(&raw) {
+    let mut request: GenerationRequest = match serde_path_to_error::deserialize(&raw) {
         Ok(request) => request,
         Err(e) => {
             // serde quotes the offending value (an unknown role, say): keep the path readable.
@@ -199,11 +202,11 @@ pub fn decode(
         // The request may ask for fewer re-asks than the cap, never more.
         max_retries: request.max_retries.unwrap_or(settings.llm.default_max_retries).min(settings.llm.max_retries),
         mode: request.mode.unwrap_or(settings.llm.mode),
-        metadata: request.metadata.clone().unwrap_or(Value::Null),
+        metadata: request.metadata.take().unwrap_or(Value::Null),
         correlation_id: correlation.unwrap_or_else(|| job_id.to_string()),
         reply_to,
         previous_deliveries: if redelivered { delivery_count(properties) } else { 0 },
-        raw,
+        raw: rejection.raw,
         request,
     })
 }

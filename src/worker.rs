@@ -16,6 +16,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use sea_orm::DbErr;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -397,7 +398,7 @@ impl Worker {
     async fn reject_unstorable(&self, job: &Job, error: &DbErr, hold: Instant) -> Ending {
         let reason = text::message(&format!("the database cannot store this request: {error}"));
         tracing::warn!(%reason, "rejecting a request");
-        let record = JobRecord { request: &Value::Null, metadata: &Value::Null, ..job.record() };
+        let record = JobRecord { request: RawValue::NULL, metadata: &Value::Null, ..job.record() };
         let failure = JobError::new(ErrorKind::InvalidRequest, reason.clone());
         let event = match self.record_rejection(&record, &failure, hold).await {
             Ok(event) => event,

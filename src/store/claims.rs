@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -42,7 +43,7 @@ pub struct StoredEvent {
 pub struct ClaimRequest {
     job_id: Uuid,
     entity: String,
-    request: Value,
+    request: Box<RawValue>,
 }
 
 impl Store {
@@ -53,7 +54,8 @@ impl Store {
     /// The caller must not be running the same job id itself: a claim held by this worker is
     /// taken over too (it is one a panicked or interrupted run could not hand back).
     pub async fn claim_job(&self, job: &JobRecord<'_>) -> Result<Claim, DbErr> {
-        let request = ClaimRequest { job_id: job.job_id, entity: job.entity.to_owned(), request: job.request.clone() };
+        let request =
+            ClaimRequest { job_id: job.job_id, entity: job.entity.to_owned(), request: job.request.to_owned() };
         self.claims.submit(request).await
     }
 
@@ -102,7 +104,7 @@ async fn try_claim_batch(
             rows.push(json!({
                 "job_id": claim.job_id,
                 "entity": claim.entity,
-                "request": claim.request,
+                "request": &claim.request,
                 "token": Uuid::new_v4(),
             }));
         }

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use sea_orm::{DatabaseConnection, DbBackend, DbErr, Statement, Value as DbValue};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::batch::Batcher;
@@ -43,7 +44,8 @@ pub struct JobRecord<'a> {
     pub entity: &'a str,
     /// The routing key's entity segment (`unknown` unless the entity is registered).
     pub routing_entity: Option<&'a str>,
-    pub request: &'a Value,
+    /// The request as received (its text: a job in flight holds no parsed copy of it).
+    pub request: &'a RawValue,
     pub metadata: &'a Value,
     pub correlation_id: &'a str,
     pub reply_to: Option<&'a str>,

@@ -134,7 +134,7 @@ impl Store {
                 [
                     job.job_id.into(),
                     job.entity.into(),
-                    job.request.clone().into(),
+                    serde_json::from_str::<Value>(job.request.get()).unwrap_or(Value::Null).into(),
                     serde_json::to_value(error).expect("errors serialize").into(),
                     serde_json::to_value(Usage::default()).expect("usage serializes").into(),
                     payload.into(),

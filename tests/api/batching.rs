@@ -13,6 +13,7 @@ use instructd::llm::CallTrace;
 use instructd::store::{Claim, DbFault, JobRecord, Outcome, Store, StoreSettings, classify};
 use migration::MigratorTrait;
 use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -31,7 +32,12 @@ async fn store() -> Store {
     store_as(db, 1).await
 }
 
-pub fn job<'a>(job_id: Uuid, request: &'a Value) -> JobRecord<'a> {
+/// A request's text, as a job holds it.
+pub fn raw(request: Value) -> Box<RawValue> {
+    serde_json::value::to_raw_value(&request).expect("JSON")
+}
+
+pub fn job<'a>(job_id: Uuid, request: &'a RawValue) -> JobRecord<'a> {
     JobRecord {
         job_id,
         entity: "hero",
@@ -49,7 +55,7 @@ pub fn hero(name: &str) -> Arc<dyn Record> {
     registry.get("hero").expect("hero is registered").hydrate(&answer).expect("a valid hero")
 }
 
-pub async fn acquire(store: &Store, job_id: Uuid, request: &Value) -> Uuid {
+pub async fn acquire(store: &Store, job_id: Uuid, request: &RawValue) -> Uuid {
     match store.claim_job(&job(job_id, request)).await.expect("claiming works") {
         Claim::Acquired { token, .. } => token,
         other => panic!("expected to acquire job {job_id}, got {other:?}"),
@@ -75,7 +81,7 @@ async fn of_many_simultaneous_claims_on_one_job_exactly_one_acquires() {
         instructd::store::presence::heartbeat(&mut session, worker_id).await.unwrap();
         workers.push((store_as(db.clone(), worker_id).await, session));
     }
-    let request = json!({"entity": "hero"});
+    let request = raw(json!({"entity": "hero"}));
     let job_id = Uuid::new_v4();
     let claims =
         join_all(workers.iter().map(|(store, _)| async { store.claim_job(&job(job_id, &request)).await })).await;
@@ -104,7 +110,7 @@ async fn of_many_simultaneous_claims_on_one_job_exactly_one_acquires() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_that_cannot_be_stored_fails_alone() {
     let store = store().await;
-    let request = json!({"entity": "hero"});
+    let request = raw(json!({"entity": "hero"}));
     let trace = CallTrace { attempts: 1, ..Default::default() };
     // The fifth job's record is the second's, with the same primary key: whichever of the
     // two is inserted second breaks the key, whether they share a batch or not.
@@ -152,7 +158,7 @@ async fn a_record_that_cannot_be_stored_fails_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_is_stored_only_under_the_claim_that_holds() {
     let store = store().await;
-    let request = json!({"entity": "hero"});
+    let request = raw(json!({"entity": "hero"}));
     let trace = CallTrace { attempts: 1, ..Default::default() };
     let job_id = Uuid::new_v4();
     let first = acquire(&store, job_id, &request).await;
@@ -183,7 +189,7 @@ async fn an_outcome_is_stored_only_under_the_claim_that_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn marks_of_many_events_land_on_exactly_those_events() {
     let store = store().await;
-    let request = json!({"entity": "hero"});
+    let request = raw(json!({"entity": "hero"}));
     let trace = CallTrace { attempts: 1, ..Default::default() };
     let mut events = Vec::new();
     for i in 0..30 {
@@ -207,7 +213,7 @@ async fn marks_of_many_events_land_on_exactly_those_events() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heroes_and_teams_finishing_together_are_each_stored_with_their_heroes() {
     let store = store().await;
-    let request = json!({"entity": "any"});
+    let request = raw(json!({"entity": "any"}));
     let trace = CallTrace { attempts: 1, ..Default::default() };
     let registry = Registry::builtin();
     let team = |name: &str| {

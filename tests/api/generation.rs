@@ -44,9 +44,10 @@ async fn a_request_becomes_one_hero_row_a_succeeded_job_and_an_event() {
     assert_ne!(heroes[0].id.to_string(), "00000000-0000-0000-0000-000000000001");
     assert_eq!(heroes[0].name, "Superman");
 
-    // Assert: the ledger
+    // Assert: the ledger, with the request as it was sent
     let job = app.job(job_id).await;
     assert_eq!(job.status, "succeeded");
+    assert_eq!(job.request, request);
     assert_eq!(job.attempts, 1);
     assert_eq!(job.record_id, Some(heroes[0].id));
     assert_eq!(job.usage.unwrap()["total_tokens"], 120);

@@ -12,7 +12,7 @@ use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 use uuid::Uuid;
 
-use crate::batching::{acquire, count, job, store_as};
+use crate::batching::{acquire, count, job, raw, store_as};
 use crate::helpers::create_database;
 
 /// A migrated database: its URL and a pool on it.
@@ -35,7 +35,7 @@ async fn present(url: &str, worker_id: i64) -> PgConnection {
 async fn a_live_workers_claim_holds_and_a_frozen_or_killed_workers_is_taken_over() {
     let (url, db) = database().await;
     let (first, second) = (store_as(db.clone(), 11).await, store_as(db.clone(), 22).await);
-    let request = json!({"entity": "hero"});
+    let request = raw(json!({"entity": "hero"}));
     let session = present(&url, 11).await;
 
     let frozen = Uuid::new_v4();
@@ -76,7 +76,7 @@ async fn a_live_workers_claim_holds_and_a_frozen_or_killed_workers_is_taken_over
 async fn a_claim_handed_back_is_taken_without_counting_and_a_leftover_of_ones_own_is_taken_back() {
     let (url, db) = database().await;
     let (first, second) = (store_as(db.clone(), 33).await, store_as(db.clone(), 44).await);
-    let request = json!({"entity": "hero"});
+    let request = raw(json!({"entity": "hero"}));
     let _alive = present(&url, 33).await;
 
     let deferred = Uuid::new_v4();
