@@ -656,7 +656,10 @@ async fn ceiling_under(names: &Names, case: Case, jobs: usize) -> anyhow::Result
     let consume = Connection::connect(&broker_url(), ConnectionProperties::default()).await?;
     let publish = Connection::connect(&broker_url(), ConnectionProperties::default()).await?;
     let consume_channel = consume.create_channel().await?;
-    consume_channel.basic_qos(scenario.concurrency as u16, BasicQosOptions::default()).await?;
+    // The daemon's prefetch, and as many jobs at once as it runs.
+    let prefetch = instructd::broker::consumer::prefetch(scenario.concurrency as u16);
+    consume_channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let slots = Arc::new(Semaphore::new(scenario.concurrency));
     let mut requests = consume_channel
         .basic_consume(
             names.request_queue.as_str().into(),
@@ -670,10 +673,13 @@ async fn ceiling_under(names: &Names, case: Case, jobs: usize) -> anyhow::Result
     publish_channel.confirm_select(ConfirmSelectOptions::default()).await?;
     let exchange = names.events_exchange.clone();
     let worker = tokio::spawn(async move {
-        while let Some(delivery) = requests.next().await {
+        loop {
+            let slot = slots.clone().acquire_owned().await?;
+            let Some(delivery) = requests.next().await else { break };
             let delivery = delivery?;
             let (db, channel, exchange) = (db.clone(), publish_channel.clone(), exchange.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 let request: Value = serde_json::from_slice(&delivery.data)?;
                 let job_id = request["job_id"].as_str().unwrap_or_default().to_owned();
                 sqlx::query("INSERT INTO ceiling (id, request) VALUES ($1::uuid, $2::jsonb)")

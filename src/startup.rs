@@ -21,7 +21,7 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbB
 use secrecy::ExposeSecret;
 use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -323,6 +323,19 @@ async fn run_session(
     };
     let publisher = Publisher::open(&publish_connection, channels, destinations, worker.metrics.clone()).await?;
     let (channel, mut consumer) = consumer::consume_requests(&consume_connection, settings).await?;
+    let consumer_tag = consumer.tag();
+    // Each delivery is stamped as it arrives: its hold (`worker.max_hold_secs`, under the
+    // broker's consumer timeout) counts from then, not from when a slot took it (the
+    // prefetch is over the concurrency, so deliveries may wait for a slot).
+    let (arrived, mut arrivals) = mpsc::channel(usize::from(consumer::prefetch(settings.worker.concurrency)));
+    let _receiving = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        while let Some(next) = consumer.next().await {
+            let failed = next.is_err();
+            if arrived.send((tokio::time::Instant::now(), next)).await.is_err() || failed {
+                break;
+            }
+        }
+    }));
     tracing::info!(
         queue = %settings.broker.request_queue,
         concurrency = settings.worker.concurrency,
@@ -344,7 +357,7 @@ async fn run_session(
         };
         let delivery = loop {
             tokio::select! {
-                next = consumer.next() => break next,
+                next = arrivals.recv() => break next,
                 _ = health.tick() => if !publisher.is_open() {
                     anyhow::bail!("the publishing channel closed");
                 },
@@ -352,7 +365,7 @@ async fn run_session(
             }
         };
         match delivery {
-            Some(Ok(delivery)) => {
+            Some((received, Ok(delivery))) => {
                 let worker = worker.clone();
                 let publisher = publisher.clone();
                 tracker.spawn(async move {
@@ -360,21 +373,21 @@ async fn run_session(
                     // holding a prefetch slot until the broker's consumer timeout): it goes
                     // back to the queue, counting towards the delivery limit.
                     let acker = delivery.acker.clone();
-                    if let Err(panic) = catch_panic(worker.run_job(delivery, &publisher, permit)).await {
+                    if let Err(panic) = catch_panic(worker.run_job(delivery, received, &publisher, permit)).await {
                         worker.metrics.job_panicked();
                         tracing::error!(%panic, "a job panicked; its delivery goes back to the queue");
                         crate::worker::requeue_with(&acker).await;
                     }
                 });
             }
-            Some(Err(error)) => return Err(error).context("the request consumer failed"),
+            Some((_, Err(error))) => return Err(error).context("the request consumer failed"),
             None => anyhow::bail!("the broker cancelled the request consumer"),
         }
     }
 
     // Shutdown: no new deliveries; what was prefetched but not started is returned when
     // the channel closes.
-    let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+    let cancel = channel.basic_cancel(consumer_tag, BasicCancelOptions::default());
     if let Ok(Err(error)) = tokio::time::timeout(Duration::from_secs(1), cancel).await {
         tracing::warn!(%error, "cancelling the consumer failed");
     }

@@ -185,9 +185,11 @@ impl Worker {
     /// Runs one delivery to its end. Never fails: every path ends in an ack (outcome
     /// committed, dead-lettered or deferred), or a requeue (shutdown, a broker that would not
     /// take a copy).
+    /// `received`: when the delivery arrived; its hold counts from then.
     pub fn run_job<'a>(
         &'a self,
         delivery: Delivery,
+        received: Instant,
         publisher: &'a Publisher,
         slot: Slot,
     ) -> impl Future<Output = ()> + Send + 'a {
@@ -199,12 +201,12 @@ impl Worker {
             attempt = Empty,
             redelivered = delivery.redelivered
         );
-        self.run(delivery, publisher, slot).instrument(span)
+        self.run(delivery, received, publisher, slot).instrument(span)
     }
 
-    async fn run(&self, delivery: Delivery, publisher: &Publisher, slot: Slot) {
+    async fn run(&self, delivery: Delivery, received: Instant, publisher: &Publisher, slot: Slot) {
         let _in_flight = self.metrics.in_flight();
-        let hold = Instant::now() + Duration::from_secs(self.settings.worker.max_hold_secs);
+        let hold = received + Duration::from_secs(self.settings.worker.max_hold_secs);
         // Each phase is boxed: a job's task then holds only the phase it is in, not room for
         // the largest of them all (thousands of jobs wait on their model at once).
         let ending = Box::pin(self.work(&delivery, hold)).await;

@@ -124,7 +124,8 @@ async fn connections_closed_by_the_broker_are_reopened() {
     let prefetch =
         rabbitmq_listing("list_consumers", "queue_name", "prefetch_count", &scenario.settings.broker.request_queue)
             .expect("the daemon consumes again");
-    assert_eq!(prefetch, "8", "prefetch is back in force after the reconnect");
+    let expected = instructd::broker::consumer::prefetch(scenario.settings.worker.concurrency);
+    assert_eq!(prefetch, expected.to_string(), "prefetch is back in force after the reconnect");
     stop_gracefully(&mut daemon, Duration::from_secs(30)).await;
 }
 
