@@ -61,7 +61,7 @@ struct Args {
     /// queued before the worker starts).
     #[arg(long, value_delimiter = ',', default_values = ["window", "backlog"])]
     modes: Vec<Mode>,
-    /// Jobs per run; default: max(4000, 8 × concurrency), or 2 × concurrency from 2,000 in
+    /// Jobs per run; default: max(16000, 8 × concurrency) (a run of seconds, not one), or 2 × concurrency from 2,000 in
     /// flight on.
     #[arg(long)]
     jobs: Option<usize>,
@@ -216,7 +216,7 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for scenario in &scenarios {
         let jobs = args.jobs.unwrap_or_else(|| {
-            if scenario.concurrency >= 2000 { 2 * scenario.concurrency } else { (8 * scenario.concurrency).max(4000) }
+            if scenario.concurrency >= 2000 { 2 * scenario.concurrency } else { (8 * scenario.concurrency).max(16_000) }
         });
         llm.set_latency(scenario.latency);
         for &mode in &args.modes {

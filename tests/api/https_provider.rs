@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -43,10 +43,11 @@ pub struct HttpsProvider {
 
 impl HttpsProvider {
     /// Serves every request with `answer`, allowing `max_streams` concurrent streams on an
-    /// HTTP/2 connection.
+    /// HTTP/2 connection. The request's body is read first, as a provider reads the prompt
+    /// (an HTTP/2 body left unread holds the connection's flow-control window).
     pub async fn start<F, Fut>(max_streams: u32, answer: F) -> Self
     where
-        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        F: Fn(Request<Bytes>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
     {
         let acceptor = TlsAcceptor::from(Arc::new(server_config()));
@@ -67,9 +68,13 @@ impl HttpsProvider {
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
                     counted.fetch_add(1, Ordering::Relaxed);
                     let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                    let service = hyper::service::service_fn(move |request| {
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                         let answer = answer.clone();
-                        async move { Ok::<_, Infallible>(answer(request).await) }
+                        async move {
+                            let (parts, body) = request.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            Ok::<_, Infallible>(answer(Request::from_parts(parts, body)).await)
+                        }
                     });
                     let io = TokioIo::new(tls);
                     if http2 {

@@ -95,7 +95,7 @@ async fn calls_to_an_http2_provider_are_spread_over_connections_within_its_strea
         Bytes::from(tool_call_completion("Hero", r#"{"name": "Streamer", "secret_name": "Multiplex"}"#).to_string());
     let provider = HttpsProvider::start(2, {
         let (all_in, versions) = (all_in.clone(), versions.clone());
-        move |request: hyper::Request<hyper::body::Incoming>| {
+        move |request: hyper::Request<Bytes>| {
             let (all_in, versions, answer) = (all_in.clone(), versions.clone(), answer.clone());
             async move {
                 versions.lock().unwrap().push(request.version());
