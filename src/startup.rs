@@ -184,7 +184,6 @@ impl Application {
         let presence_stop = CancellationToken::new();
         tracing::info!(%http_addr, worker_id = presence.worker_id(), "serving /healthz, /readyz and /metrics");
         let http = tokio::spawn(http::serve(listener, health.clone(), metrics.clone(), http_stop.clone()));
-        tokio::spawn(upkeep(worker.store.clone(), metrics, http_stop.clone()));
         tokio::spawn({
             let (stop, abort) = (stop.clone(), worker.abort.clone());
             let grace = Duration::from_secs(worker.settings.worker.shutdown_grace_secs);
@@ -199,6 +198,8 @@ impl Application {
 
         let mut background = Vec::new();
         if wait_for_database(&worker, &presence).await {
+            // Not before: the outbox it counts is made by the migrations.
+            tokio::spawn(upkeep(worker.store.clone(), metrics, http_stop.clone()));
             let every = Duration::from_secs(worker.settings.worker.heartbeat_secs);
             background.push(tokio::spawn(presence.clone().run(presence_options, every, presence_stop.clone())));
             // Claims name this worker: none is taken before its heartbeat is written.
