@@ -16,8 +16,9 @@ say() { printf '\033[1m[up]\033[0m %s\n' "$*" >&2; }
 if [[ -z "${INSTRUCTD__LLM__API_KEY:-}${OPENAI_API_KEY:-}" ]]; then
   say "no API key configured: using the local SmolLM2-135M model server"
   "$ROOT/scripts/local-llm.sh" start
+  # Its settings: one call at a time, answers capped at 512 tokens (see the file).
+  export INSTRUCTD_CONFIG="${INSTRUCTD_CONFIG:-$ROOT/config/local-model.toml}"
   export INSTRUCTD__LLM__BASE_URL="${INSTRUCTD__LLM__BASE_URL:-$("$ROOT/scripts/local-llm.sh" url)}"
-  export INSTRUCTD__LLM__MODEL="${INSTRUCTD__LLM__MODEL:-SmolLM2-135M-Instruct}"
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -26,11 +26,11 @@ async fn hero_and_team_jobs_against_the_local_model_are_stored_and_announced() {
     let unused = wiremock::MockServer::start().await;
     let mut env = test_env(&unused, &create_database().await);
     env.insert("INSTRUCTD__LLM__BASE_URL".into(), base_url);
-    env.insert("INSTRUCTD__LLM__MODEL".into(), "SmolLM2-135M-Instruct".into());
     env.insert("INSTRUCTD__LLM__TEMPERATURE".into(), "0".into());
-    env.insert("INSTRUCTD__LLM__MAX_TOKENS".into(), "512".into());
     env.insert("INSTRUCTD__WORKER__CONCURRENCY".into(), "2".into());
-    let settings = instructd::config::Settings::load_from(None, env).unwrap();
+    // The quickstart's settings for this server (scripts/up.sh uses the same file).
+    let quickstart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/local-model.toml");
+    let settings = instructd::config::Settings::load_from(Some(&quickstart), env).unwrap();
     let mut app = spawn_app_with(settings, unused).await;
 
     let started = Instant::now();
