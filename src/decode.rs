@@ -134,8 +134,9 @@ pub fn decode(
     // its failure recorded without it.
     let nul = contains_nul(&raw);
     if !nul {
-        // Its text, as received: the parsed `raw` is not kept past decoding.
-        rejection.raw = serde_json::from_slice(body).expect("parsed above");
+        // Its text, as received: the parsed `raw` is not kept past decoding. (It parsed
+        // above; were its text refused all the same, the row would hold `null`, not fail.)
+        rejection.raw = serde_json::from_slice(body).unwrap_or_else(|_| RawValue::NULL.to_owned());
     }
     // Measured once: checked below, and echoed in a failed event unless it is over the limit.
     let metadata_bytes = raw.get("metadata").filter(|metadata| !metadata.is_null()).map_or(0, json_size);

