@@ -65,6 +65,12 @@ completes() {
 
 start() {
   mkdir -p "$STATE"
+  # A server this checkout did not start (another checkout's, say) already holds the port: use
+  # it if it completes, rather than install and then fail to bind a second one.
+  if ! running && answers; then
+    if completes; then say "a server already answers at $URL (not started here: 'stop' leaves it)"; return; fi
+    say "something on $URL lists models but does not complete; stop it or set INSTRUCTD_LOCAL_LLM_PORT"; exit 1
+  fi
   install
   if running && answers; then
     say "already running at $URL (pid $(cat "$PIDFILE"))"
