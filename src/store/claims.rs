@@ -11,8 +11,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
+use serde::Serialize;
+use serde_json::Value;
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::{JobRecord, Store, StoreSettings, one_by_one, stmt};
@@ -37,6 +38,16 @@ pub enum Claim {
 pub struct StoredEvent {
     pub payload: Value,
     pub routing_key: String,
+}
+
+/// One claim as `try_claim_batch` reads it: the request's text embedded as it came, not
+/// parsed again (as [`super::outcomes`] writes its rows).
+#[derive(Serialize)]
+struct ClaimRow<'a> {
+    job_id: Uuid,
+    entity: &'a str,
+    request: &'a RawValue,
+    token: Uuid,
 }
 
 /// A claim waiting for its batch.
@@ -101,14 +112,16 @@ async fn try_claim_batch(
     let mut rows = Vec::with_capacity(batch.len());
     for (i, claim) in batch.iter().enumerate() {
         if first.insert(claim.job_id, i).is_none() {
-            rows.push(json!({
-                "job_id": claim.job_id,
-                "entity": claim.entity,
-                "request": &claim.request,
-                "token": Uuid::new_v4(),
-            }));
+            rows.push(ClaimRow {
+                job_id: claim.job_id,
+                entity: &claim.entity,
+                request: &claim.request,
+                token: Uuid::new_v4(),
+            });
         }
     }
+    let count = rows.len() as i64;
+    let rows = serde_json::to_string(&rows).expect("claims serialize");
     // The statement's snapshot predates its own inserts and updates: a row the CTE claimed
     // comes back through `claimed`; one it could not claim through `generation_job` as it
     // was (`NULL` only if another transaction inserted it meanwhile: a claim just taken).
@@ -123,7 +136,7 @@ async fn try_claim_batch(
     let claimed = db
         .query_all_raw(stmt(
             "WITH batch AS (
-                SELECT * FROM jsonb_to_recordset($2) AS b(job_id uuid, entity text, request jsonb, token uuid)
+                SELECT * FROM jsonb_to_recordset($2::jsonb) AS b(job_id uuid, entity text, request jsonb, token uuid)
                  LIMIT $1
              ), claimed AS (
                 INSERT INTO generation_job (job_id, entity, status, attempts, request, claim_token, claimed_by)
@@ -159,12 +172,7 @@ async fn try_claim_batch(
                        AND event_outbox.job_id = job.job_id AND event_outbox.payload->>'status' = job.status
                      ORDER BY event_outbox.created_at DESC LIMIT 1
                ) earlier ON true",
-            [
-                (rows.len() as i64).into(),
-                Value::Array(rows).into(),
-                settings.worker_id.into(),
-                settings.takeover_after.as_secs_f64().into(),
-            ],
+            [count.into(), rows.into(), settings.worker_id.into(), settings.takeover_after.as_secs_f64().into()],
         ))
         .await?;
     let mut by_job = HashMap::with_capacity(claimed.len());

@@ -124,7 +124,7 @@ impl Store {
                 "WITH job AS (
                     INSERT INTO generation_job
                            (job_id, entity, status, attempts, request, error, usage, finished_at, event, event_routing_key)
-                    VALUES ($1, $2, 'failed', 0, $3, $4, $5, now(), $6::jsonb, $7)
+                    VALUES ($1, $2, 'failed', 0, $3::jsonb, $4, $5, now(), $6::jsonb, $7)
                     ON CONFLICT (job_id) DO NOTHING
                     RETURNING job_id
                  )
@@ -134,7 +134,7 @@ impl Store {
                 [
                     job.job_id.into(),
                     job.entity.into(),
-                    serde_json::from_str::<Value>(job.request.get()).unwrap_or(Value::Null).into(),
+                    job.request.get().into(),
                     serde_json::to_value(error).expect("errors serialize").into(),
                     serde_json::to_value(Usage::default()).expect("usage serializes").into(),
                     payload.into(),
