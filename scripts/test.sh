@@ -20,6 +20,8 @@ else
   cargo test --workspace --no-fail-fast --lib --bins --test api -- --test-threads 2
   cargo test --workspace --no-fail-fast --test chaos -- --test-threads 1 --nocapture
 fi
+# The library's documented example (an application with an entity of its own) compiles.
+cargo test --workspace --doc
 "$ROOT/scripts/local-llm.sh" start
 INSTRUCTD_TEST_LOCAL_LLM_URL="$("$ROOT/scripts/local-llm.sh" url)" \
   cargo test --workspace --no-fail-fast --test local_model -- --nocapture

@@ -1,5 +1,4 @@
-//! The registry of entities a request may name. Adding an entity is one line in
-//! [`Registry::builtin`] (plus its entity file and migration).
+//! The registry of entities a request may name, filled by [`crate::App::entity`].
 
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -13,17 +12,12 @@ use serde_json::Value;
 use uuid::Uuid;
 
 /// The entities instructd can generate, by the name requests use.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Registry {
     kinds: BTreeMap<&'static str, Arc<dyn EntityKind>>,
 }
 
 impl Registry {
-    /// Every entity this build of instructd knows.
-    pub fn builtin() -> Self {
-        Self { kinds: BTreeMap::new() }.with::<entity::hero::Entity>("hero").with::<entity::team::Entity>("team")
-    }
-
     /// Registers the SeaORM entity `E` under `name`.
     pub fn with<E>(mut self, name: &'static str) -> Self
     where

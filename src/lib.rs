@@ -2,69 +2,180 @@
 //!
 //! A worker daemon that turns LLM generation requests on RabbitMQ into validated rows in
 //! Postgres: Instructor + SQLModel as a service. One SeaORM model is both the table and
-//! the schema the model answers in; server-owned fields (`id`) are hidden from the schema
-//! and filled by a default factory.
+//! the schema the model answers in; server-owned fields (`id`) are hidden from the schema and
+//! filled by a default factory.
 //!
-//! ## The life of one job ([`worker::Worker::run_job`])
-//! 1. **receive** — [`decode`] turns the delivery into a [`decode::Job`], or a rejection
+//! ## Your own entities
+//! An application is instructd's daemon and command line around entities of its own: declare
+//! each as a SeaORM entity whose `Model` implements [`Generate`], add the migrations of their
+//! tables, and hand both to [`App`]. This is a whole binary (`notes run`, `notes migrate`,
+//! `notes schema note`, `notes enqueue --entity note --prompt …`):
+//!
+//! ```no_run
+//! mod note {
+//!     use sea_orm::entity::prelude::*;
+//!     use serde::{Deserialize, Serialize};
+//!
+//!     // The row, and the schema the model is sent (`notes schema note`). No doc comments
+//!     // here: schemars would send them to the model as descriptions.
+//!     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, Deserialize, schemars::JsonSchema)]
+//!     #[sea_orm(table_name = "note")]
+//!     #[schemars(rename = "Note", transform = instructd::schema::pydantic_style)]
+//!     pub struct Model {
+//!         // Server-owned: hidden from the model, filled by a default factory.
+//!         #[sea_orm(primary_key, auto_increment = false)]
+//!         #[serde(skip_deserializing, default = "Uuid::new_v4")]
+//!         #[schemars(skip)]
+//!         pub id: Uuid,
+//!         #[sea_orm(column_type = "Text")]
+//!         pub title: String,
+//!         #[sea_orm(column_type = "Text")]
+//!         pub body: String,
+//!     }
+//!
+//!     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+//!     pub enum Relation {}
+//!
+//!     impl ActiveModelBehavior for ActiveModel {}
+//!
+//!     impl instructd::Generate for Model {
+//!         fn record_id(&self) -> Uuid {
+//!             self.id
+//!         }
+//!     }
+//! }
+//!
+//! mod migrations {
+//!     use sea_orm_migration::prelude::*;
+//!
+//!     pub struct Migrator;
+//!
+//!     #[async_trait::async_trait]
+//!     impl MigratorTrait for Migrator {
+//!         fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+//!             vec![Box::new(CreateNote)]
+//!         }
+//!     }
+//!
+//!     struct CreateNote;
+//!
+//!     impl MigrationName for CreateNote {
+//!         fn name(&self) -> &str {
+//!             "m20261201_000001_create_note"
+//!         }
+//!     }
+//!
+//!     #[async_trait::async_trait]
+//!     impl MigrationTrait for CreateNote {
+//!         async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+//!             let schema = sea_orm::Schema::new(manager.get_database_backend());
+//!             manager.create_table(schema.create_table_from_entity(super::note::Entity)).await
+//!         }
+//!     }
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     instructd::App::new().entity::<note::Entity>("note").migrations::<migrations::Migrator>().main()
+//! }
+//! ```
+//!
+//! The `instructd` binary is that, with the SQLModel tutorial's `hero` and `team`
+//! ([`heroes::app`]).
+//!
+//! The `jemalloc` feature (on by default) makes jemalloc the process's allocator, as the
+//! daemon is measured with; turn it off to bring your own `#[global_allocator]`.
+//!
+//! ## The life of one job (`Worker::run_job`)
+//! 1. **receive** — `decode` turns the delivery into a `decode::Job`, or a rejection
 //!    that goes to the dead-letter queue with its reason;
-//! 2. **claim** — [`store::Store::claim_job`] takes the job id in `generation_job`, so a
+//! 2. **claim** — `store::Store::claim_job` takes the job id in `generation_job`, so a
 //!    redelivered or duplicate request never generates twice (a claim whose worker is gone
-//!    is taken over at once: [`presence`]);
-//! 3. **generate** — [`llm::generate`] calls the model in tools mode, retrying transport
-//!    failures ([`llm::retry`]) while the provider's circuit allows ([`llm::circuit`]) and
+//!    is taken over at once: `presence`);
+//! 3. **generate** — `llm::generate` calls the model in tools mode, retrying transport
+//!    failures (`llm::retry`) while the provider's circuit allows (`llm::circuit`) and
 //!    re-asking with the validation error;
-//! 4. **validate and hydrate** — [`entities::EntityKind::hydrate`] parses the answer into
+//! 4. **validate and hydrate** — `EntityKind::hydrate` parses the answer into
 //!    the entity, filling server-owned fields;
-//! 5. **store** — [`store::Store::record`] writes entity + job + event (outbox) in one
-//!    transaction (shared with other jobs finishing at the same moment: [`batch`]);
-//! 6. **acknowledge** (or dead-letter, defer, requeue: [`worker::disposition`] decides from
+//! 5. **store** — `store::Store::record` writes entity + job + event (outbox) in one
+//!    transaction (shared with other jobs finishing at the same moment: `batch`);
+//! 6. **acknowledge** (or dead-letter, defer, requeue: `worker::disposition` decides from
 //!    how the run ended), then **announce** — the event is published with publisher
-//!    confirms; [`relay`] publishes whatever was committed but not confirmed.
+//!    confirms; `relay` publishes whatever was committed but not confirmed.
 //!
-//! ## Modules
-//! - [`config`] — typed, layered settings; secrets redacted.
-//! - [`telemetry`] — logs, one span per job.
-//! - [`contract`] — the request and event shapes other services depend on.
-//! - [`broker`] — connections, topology, consumer, publisher.
-//! - [`llm`] — provider client, retry policy, circuit breaker, tools mode, re-ask loop.
-//! - [`entities`] — the registry of generated entities.
-//! - [`store`] — all the SQL: claims, outcomes, the outbox, presence, retention, and what a
+//! ## Inside (for instructd's own developers; not part of the API)
+//! - `config` — typed, layered settings; secrets redacted.
+//! - `telemetry` — logs, one span per job.
+//! - `contract` — the request and event shapes other services depend on.
+//! - `broker` — connections, topology, consumer, publisher.
+//! - `llm` — provider client, retry policy, circuit breaker, tools mode, re-ask loop.
+//! - `entities` — the registry of generated entities.
+//! - `store` — all the SQL: claims, outcomes, the outbox, presence, retention, and what a
 //!   database error means.
-//! - [`batch`] — group commits: concurrent jobs' writes in shared statements.
-//! - [`relay`] — the outbox relay.
-//! - [`presence`] — this daemon's heartbeat and session lock; the database's state.
-//! - [`retention`] — pruning what is old.
-//! - [`text`] — bounds on every text that leaves instructd.
-//! - [`startup`] — build and run: database wait, supervisor, consumer loop, drain.
-//! - [`http`] — `/healthz`, `/readyz`, `/metrics`.
-//! - [`metrics`] — every exported metric, named and described in one place.
-//! - [`shutdown`] — signals.
-//! - [`enqueue`] — the `instructd enqueue` client.
+//! - `batch` — group commits: concurrent jobs' writes in shared statements.
+//! - `relay` — the outbox relay.
+//! - `presence` — this daemon's heartbeat and session lock; the database's state.
+//! - `retention` — pruning what is old.
+//! - `text` — bounds on every text that leaves instructd.
+//! - `startup` — build and run: database wait, supervisor, consumer loop, drain.
+//! - `http` — `/healthz`, `/readyz`, `/metrics`.
+//! - `metrics` — every exported metric, named and described in one place.
+//! - `shutdown` — signals.
+//! - `enqueue` — the `instructd enqueue` client.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
 #![warn(clippy::todo, clippy::dbg_macro, clippy::await_holding_lock)]
 
+#[cfg(feature = "jemalloc")]
+mod allocator;
+mod app;
+pub mod heroes;
+
+pub use app::App;
+pub use entity::{Generate, InsertFuture, schema};
+
+// The daemon's parts, public for instructd's own tests and benchmark only: not part of the
+// API, and free to change.
+#[doc(hidden)]
 pub mod batch;
+#[doc(hidden)]
 pub mod broker;
+#[doc(hidden)]
 pub mod config;
+#[doc(hidden)]
 pub mod contract;
+#[doc(hidden)]
 pub mod decode;
+#[doc(hidden)]
 pub mod enqueue;
+#[doc(hidden)]
 pub mod entities;
+#[doc(hidden)]
 pub mod http;
+#[doc(hidden)]
 pub mod llm;
+#[doc(hidden)]
 pub mod metrics;
+#[doc(hidden)]
 pub mod presence;
+#[doc(hidden)]
 pub mod relay;
+#[doc(hidden)]
 pub mod retention;
+#[doc(hidden)]
 pub mod shutdown;
+#[doc(hidden)]
 pub mod startup;
+#[doc(hidden)]
 pub mod store;
+#[doc(hidden)]
 pub mod telemetry;
+#[doc(hidden)]
 pub mod text;
+#[doc(hidden)]
 pub mod worker;
 
+#[doc(hidden)]
 /// Installs ring as the process's TLS crypto provider (reqwest and lapin both use rustls;
 /// ring is chosen at build time to avoid aws-lc's C toolchain). Idempotent.
 pub fn install_crypto_provider() {

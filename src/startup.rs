@@ -16,8 +16,8 @@ use std::time::Duration;
 use anyhow::Context;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicCancelOptions;
-use migration::MigratorTrait;
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
+use sea_orm_migration::MigratorTraitSelf;
 use secrecy::ExposeSecret;
 use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
@@ -28,7 +28,6 @@ use tokio_util::task::TaskTracker;
 use crate::broker::publisher::Destinations;
 use crate::broker::{Publisher, connection, consumer, topology};
 use crate::config::{Settings, redacted_url};
-use crate::entities::Registry;
 use crate::http::Health;
 use crate::llm::LlmClient;
 use crate::llm::modes::Strategies;
@@ -36,9 +35,10 @@ use crate::metrics::Metrics;
 use crate::presence::{DbState, Presence};
 use crate::store::{Store, StoreSettings};
 use crate::worker::Worker;
-use crate::{http, relay, retention, text};
+use crate::{App, http, relay, retention, text};
 
 pub struct Application {
+    app: App,
     worker: Arc<Worker>,
     health: Arc<Health>,
     presence: Presence,
@@ -106,7 +106,7 @@ const MIGRATION_LOCK: i64 = 0x696e_7374_7275_6364;
 /// waited for by polling: a session blocked in `pg_advisory_lock` holds a snapshot, which a
 /// migration building an index `CONCURRENTLY` would wait for, while that session waits for
 /// the migration: a deadlock Postgres cannot see.
-pub async fn migrate(settings: &Settings, db: &DatabaseConnection) -> anyhow::Result<()> {
+pub async fn migrate(settings: &Settings, db: &DatabaseConnection, app: &App) -> anyhow::Result<()> {
     let lock = connect_pool(settings, 1, false).await?;
     let statement = |sql: &str| Statement::from_sql_and_values(DbBackend::Postgres, sql, [MIGRATION_LOCK.into()]);
     let mut waited = false;
@@ -124,7 +124,7 @@ pub async fn migrate(settings: &Settings, db: &DatabaseConnection) -> anyhow::Re
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let migrated = migration::Migrator::up(db, None).await.context("applying migrations failed");
+    let migrated = app.migrator().up(db, None).await.context("applying migrations failed");
     let _ = lock.execute_raw(statement("SELECT pg_advisory_unlock($1)")).await;
     let _ = lock.close().await;
     migrated
@@ -134,12 +134,12 @@ impl Application {
     /// Binds the HTTP endpoint and builds everything that needs no other service: a lazy
     /// database pool (it connects when first used), the LLM client, the store. Fails only on
     /// what waiting cannot fix (a port in use, a schema strict mode cannot express).
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+    pub async fn build(settings: Settings, app: App) -> anyhow::Result<Self> {
         let listener = http::bind(settings.http.listen).await?;
         let http_addr = listener.local_addr()?;
         let db = connect_pool(&settings, settings.database.max_connections, true).await?;
         let presence_options = presence_options(&settings)?;
-        let registry = Registry::builtin();
+        let registry = app.registry().clone();
         let strategies =
             Strategies::new(&registry, settings.llm.strict).map_err(|why| anyhow::anyhow!("llm.strict: {why}"))?;
         let metrics = Metrics::new(registry.names());
@@ -157,7 +157,7 @@ impl Application {
         let worker = Worker::new(Arc::new(settings), registry, store, llm.clone(), strategies, metrics.clone());
         let health =
             Arc::new(Health::new(presence.clone(), llm, max_disconnected, worker.stop.clone(), metrics.clone()));
-        Ok(Self { worker: Arc::new(worker), health, presence, presence_options, listener, http_addr, metrics })
+        Ok(Self { app, worker: Arc::new(worker), health, presence, presence_options, listener, http_addr, metrics })
     }
 
     /// Where `/healthz`, `/readyz` and `/metrics` are served (`http.listen`, with the port
@@ -176,7 +176,7 @@ impl Application {
     /// `worker.shutdown_grace_secs`, flushes the outbox and returns, a few seconds after the
     /// grace period at the latest. Outages do not end it: it waits and reconnects.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Self { worker, health, presence, presence_options, listener, http_addr, metrics } = self;
+        let Self { app, worker, health, presence, presence_options, listener, http_addr, metrics } = self;
         let stop = worker.stop.clone();
         // The endpoint and the heartbeat outlive the drain: /readyz says "draining"
         // meanwhile, and the jobs still finishing keep their claims.
@@ -197,7 +197,7 @@ impl Application {
         });
 
         let mut background = Vec::new();
-        if wait_for_database(&worker, &presence).await {
+        if wait_for_database(&worker, &presence, &app).await {
             // Not before: the outbox it counts is made by the migrations.
             tokio::spawn(upkeep(worker.store.clone(), metrics, http_stop.clone()));
             let every = Duration::from_secs(worker.settings.worker.heartbeat_secs);
@@ -240,14 +240,14 @@ async fn upkeep(store: Store, metrics: Metrics, stop: CancellationToken) {
 /// Waits until the database can be used: reachable and, with `database.migrate_on_start`,
 /// migrated. Every failure is reported (`/readyz`, the logs) and retried with backoff, up to
 /// 30 s apart. `false` if the daemon was stopped first.
-async fn wait_for_database(worker: &Worker, presence: &Presence) -> bool {
+async fn wait_for_database(worker: &Worker, presence: &Presence, app: &App) -> bool {
     if !worker.settings.database.migrate_on_start {
         return true;
     }
     let mut delay = Duration::from_millis(500);
     loop {
         let migrated = tokio::select! {
-            migrated = migrate(&worker.settings, worker.store.db()) => migrated,
+            migrated = migrate(&worker.settings, worker.store.db(), app) => migrated,
             _ = worker.stop.cancelled() => return false,
         };
         match migrated {

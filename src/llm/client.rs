@@ -1,5 +1,5 @@
 //! The provider client: async-openai's request types, sent with reqwest clients we build
-//! ([`LlmClient::post`]): one attempt per call, so that the retry policy lives in one place
+//! (`LlmClient::post`): one attempt per call, so that the retry policy lives in one place
 //! ([`super::retry`]), failed calls keep their status code and `Retry-After` header, and a
 //! response is read once, up to a bound.
 

@@ -1,6 +1,6 @@
 //! Talking to the model: the provider client with its one retry policy ([`client`],
 //! [`retry`], [`limit`]), how the schema is sent and the answer read back in each mode ([`modes`],
-//! [`tools`], [`strict`]), and the generate-validate-re-ask loop of a job ([`generate`]).
+//! [`tools`], [`strict`]), and the generate-validate-re-ask loop of a job ([`mod@generate`]).
 
 pub mod circuit;
 pub mod client;

@@ -197,7 +197,8 @@ mod tests {
 
     #[test]
     fn the_team_schema_becomes_strict() {
-        let registry = crate::entities::Registry::builtin();
+        let app = crate::heroes::app();
+        let registry = app.registry();
         let strict = strict_schema(registry.get("team").unwrap().schema()).unwrap();
         assert_eq!(strict["required"], json!(["name", "headquarters", "heroes"]));
         assert_eq!(strict["additionalProperties"], false);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use instructd::contract::{ErrorKind, JobError};
-use instructd::entities::{Record, Registry};
+use instructd::entities::Record;
 use instructd::llm::CallTrace;
 use instructd::store::{Claim, DbFault, JobRecord, Outcome, Store, StoreSettings, classify};
 use migration::MigratorTrait;
@@ -50,7 +50,8 @@ pub fn job<'a>(job_id: Uuid, request: &'a RawValue) -> JobRecord<'a> {
 }
 
 pub fn hero(name: &str) -> Arc<dyn Record> {
-    let registry = Registry::builtin();
+    let app = instructd::heroes::app();
+    let registry = app.registry();
     let answer = json!({"name": name, "secret_name": "Someone"}).to_string();
     registry.get("hero").expect("hero is registered").hydrate(&answer).expect("a valid hero")
 }
@@ -215,7 +216,8 @@ async fn heroes_and_teams_finishing_together_are_each_stored_with_their_heroes()
     let store = store().await;
     let request = raw(json!({"entity": "any"}));
     let trace = CallTrace { attempts: 1, ..Default::default() };
-    let registry = Registry::builtin();
+    let app = instructd::heroes::app();
+    let registry = app.registry();
     let team = |name: &str| {
         let answer = json!({
             "name": name,

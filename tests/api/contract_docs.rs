@@ -4,7 +4,6 @@
 use instructd::config::Settings;
 use instructd::decode::decode;
 use instructd::enqueue::{EnqueueArgs, conversation, request_body};
-use instructd::entities::Registry;
 use lapin::BasicProperties;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -27,7 +26,8 @@ fn the_documented_request_schema_accepts_exactly_what_the_daemon_accepts() {
     let mut settings = Settings::load_from(None, Default::default()).unwrap();
     // Which models a request may name, like which entities exist, is configuration, not shape.
     settings.llm.allowed_models = vec!["*".into()];
-    let registry = Registry::builtin();
+    let app = instructd::heroes::app();
+    let registry = app.registry();
     let user = json!([{"role": "user", "content": "Make a hero"}]);
     // Every body names a registered entity.
     let bodies = [
@@ -57,7 +57,7 @@ fn the_documented_request_schema_accepts_exactly_what_the_daemon_accepts() {
     ];
     for body in bodies {
         let accepted =
-            decode(&serde_json::to_vec(&body).unwrap(), &BasicProperties::default(), false, &registry, &settings);
+            decode(&serde_json::to_vec(&body).unwrap(), &BasicProperties::default(), false, registry, &settings);
         let documented = errors(&validator, &body);
         assert_eq!(
             accepted.is_ok(),

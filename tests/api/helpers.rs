@@ -137,7 +137,7 @@ async fn spawn_daemon(settings: Settings, llm: MockServer, binding: &str, db: Op
     instructd::broker::topology::declare(&channel, &settings.broker).await.unwrap();
     let events = listen(&channel, &settings.broker.events_exchange, binding).await;
 
-    let app = Application::build(settings.clone()).await.expect("the app builds");
+    let app = Application::build(settings.clone(), instructd::heroes::app()).await.expect("the app builds");
     let http_addr = app.http_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let daemon = tokio::spawn(app.run_until_stopped(async move {

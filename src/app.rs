@@ -1,0 +1,235 @@
+//! [`App`]: the entities an instructd application generates and the migrations of their
+//! tables, and the command line that runs it (`run`, `migrate`, `schema`, `enqueue`,
+//! `config`).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use entity::Generate;
+use sea_orm::{EntityTrait, IntoActiveModel};
+use sea_orm_migration::{MigrationTrait, MigratorTrait, MigratorTraitSelf};
+
+use crate::config::{CONFIG_FILE_ENV, Settings};
+use crate::enqueue::{self, EnqueueArgs};
+use crate::entities::Registry;
+use crate::startup::{self, Application};
+use crate::{shutdown, telemetry};
+
+/// An instructd application: the entities it generates, by the name requests use, and the
+/// migrations that create their tables. [`App::main`] is its whole command line.
+///
+/// instructd's own tables (jobs, the outbox, workers) are migrated first, always; an
+/// application's migrations follow, in the order they were added, recorded in the same
+/// table (`seaql_migrations`). A database belongs to one application: migrating it with
+/// another's binary stops at the migrations it does not know.
+#[derive(Clone, Default)]
+pub struct App {
+    registry: Registry,
+    migrations: Vec<MigrationList>,
+}
+
+/// A sea-orm-migration `Migrator`'s list of migrations (`MigratorTrait::migrations`).
+type MigrationList = fn() -> Vec<Box<dyn MigrationTrait>>;
+
+impl App {
+    /// An application that generates nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Generates the SeaORM entity `E` for requests that name it `name` (`"entity":
+    /// "invoice"`). Its `Model` is the schema the model is sent and the row stored; see
+    /// [`Generate`].
+    ///
+    /// # Panics
+    /// If `name` is taken, or is not made of lowercase ASCII letters, digits and `_` (it is a
+    /// word of the events' routing keys, `job.succeeded.<name>`, and a metrics label).
+    pub fn entity<E>(mut self, name: &'static str) -> Self
+    where
+        E: EntityTrait,
+        E::Model: Generate + IntoActiveModel<E::ActiveModel>,
+        E::ActiveModel: Send,
+    {
+        let word = !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        assert!(word, "entity name `{name}`: use lowercase ASCII letters, digits and `_`");
+        assert!(self.registry.get(name).is_none(), "entity name `{name}` is declared twice");
+        self.registry = self.registry.with::<E>(name);
+        self
+    }
+
+    /// Adds the migrations of `M` (a sea-orm-migration `Migrator` listing this application's
+    /// own tables), applied after instructd's and those added before.
+    pub fn migrations<M: MigratorTrait>(mut self) -> Self {
+        self.migrations.push(M::migrations);
+        self
+    }
+
+    /// Runs the command line (`std::env::args`) on a multi-threaded Tokio runtime, and returns
+    /// the exit code: meant to be `main`'s whole body.
+    pub fn main(self) -> ExitCode {
+        #[cfg(feature = "jemalloc")]
+        crate::allocator::keep_options();
+        let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                eprintln!("error: cannot start the async runtime: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        runtime.block_on(self.run_cli(std::env::args_os()))
+    }
+
+    /// Runs the command line given as `args` (the program's name first), on the caller's
+    /// runtime.
+    pub async fn run_cli<I, T>(self, args: I) -> ExitCode
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let mut args = args.into_iter().map(Into::into).peekable();
+        // `invoices --help` says `invoices`, not `instructd`.
+        let name = args
+            .peek()
+            .and_then(|program| Path::new(program).file_stem())
+            .and_then(|stem| stem.to_str())
+            .unwrap_or("instructd")
+            .to_owned();
+        // Once per process: clap keeps a command's name as `&'static str`.
+        let name: &'static str = Box::leak(name.into_boxed_str());
+        let parsed = Cli::command().name(name).try_get_matches_from(args).and_then(|m| Cli::from_arg_matches(&m));
+        let cli = match parsed {
+            Ok(cli) => cli,
+            Err(error) => {
+                let _ = error.print();
+                return if error.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            }
+        };
+        match self.dispatch(cli).await {
+            Ok(code) => code,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    async fn dispatch(self, cli: Cli) -> anyhow::Result<ExitCode> {
+        if let Command::Schema { entity } = &cli.command {
+            // Needs no configuration: the schema is part of the build.
+            let kind = self.registry.get(entity).with_context(|| {
+                let known = self.registry.names().collect::<Vec<_>>().join(", ");
+                format!("unknown entity `{entity}` (known: {known})")
+            })?;
+            println!("{}", serde_json::to_string_pretty(kind.schema())?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let settings = Settings::load(cli.config.as_deref())?;
+        match cli.command {
+            Command::Run => {
+                telemetry::init(&settings.log);
+                let app = Application::build(settings, self).await?;
+                app.run_until_stopped(shutdown::signalled()).await?;
+            }
+            Command::Migrate => {
+                telemetry::init(&settings.log);
+                let db = startup::connect_database(&settings).await?;
+                startup::migrate(&settings, &db, &self).await?;
+                eprintln!("migrations applied");
+            }
+            Command::Config => print!("{}", settings.to_redacted_toml()),
+            Command::Enqueue(args) => {
+                telemetry::init(&settings.log);
+                match enqueue::enqueue(&settings, *args).await {
+                    Ok(enqueue::Outcome::Succeeded) => {}
+                    Ok(enqueue::Outcome::Failed) => return Ok(ExitCode::from(1)),
+                    Ok(enqueue::Outcome::TimedOut) => return Ok(ExitCode::from(2)),
+                    // Nothing (or not everything) was enqueued: not the same as a failed job.
+                    Err(error) => {
+                        eprintln!("error: {error:#}");
+                        return Ok(ExitCode::from(3));
+                    }
+                }
+            }
+            Command::Schema { .. } => unreachable!("handled above"),
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    #[doc(hidden)]
+    /// The registry of this application's entities (for instructd's own tests).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Every migration, instructd's first, as one sea-orm-migration migrator.
+    pub(crate) fn migrator(&self) -> Migrations<'_> {
+        Migrations(&self.migrations)
+    }
+}
+
+/// The migrations of an [`App`], instructd's own first.
+pub(crate) struct Migrations<'a>(&'a [MigrationList]);
+
+impl MigratorTraitSelf for Migrations<'_> {
+    fn migrations(&self) -> Vec<Box<dyn MigrationTrait>> {
+        migration::instructd().into_iter().chain(self.0.iter().flat_map(|migrations| migrations())).collect()
+    }
+}
+
+/// Turns LLM generation requests on RabbitMQ into validated rows in Postgres.
+#[derive(Debug, Parser)]
+#[command(name = "instructd", version, about)]
+struct Cli {
+    /// A TOML file layered over the defaults (environment variables still win).
+    #[arg(long, global = true, env = CONFIG_FILE_ENV)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the worker daemon until SIGTERM or SIGINT.
+    Run,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Print the JSON schema the model is sent for an entity.
+    Schema {
+        /// The entity's name (e.g. `hero`).
+        entity: String,
+    },
+    /// Publish generation requests; with --wait, print their completion events.
+    Enqueue(Box<EnqueueArgs>),
+    /// Print the effective configuration, secrets redacted.
+    Config,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "entity name `hero` is declared twice")]
+    fn a_name_declared_twice_is_refused() {
+        let _ = App::new().entity::<entity::hero::Entity>("hero").entity::<entity::team::Entity>("hero");
+    }
+
+    #[test]
+    #[should_panic(expected = "entity name `job.hero`: use lowercase ASCII letters")]
+    fn a_name_that_is_not_one_routing_key_word_is_refused() {
+        let _ = App::new().entity::<entity::hero::Entity>("job.hero");
+    }
+
+    #[test]
+    fn instructd_tables_are_migrated_before_the_applications() {
+        let app = crate::heroes::app();
+        let names: Vec<String> = app.migrator().migrations().iter().map(|m| m.name().to_owned()).collect();
+        let own: Vec<String> = migration::instructd().iter().map(|m| m.name().to_owned()).collect();
+        assert_eq!(names[..own.len()], own[..]);
+        assert_eq!(names.len(), own.len() + 2, "{names:?}");
+        assert!(names.iter().any(|name| name.ends_with("create_team")), "{names:?}");
+    }
+}
