@@ -11,6 +11,8 @@ use sea_orm::{DatabaseTransaction, DbErr, EntityTrait, IntoActiveModel};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::validation::SchemaCheck;
+
 /// The entities instructd can generate, by the name requests use.
 #[derive(Clone, Default)]
 pub struct Registry {
@@ -89,6 +91,7 @@ struct Table<E> {
     name: &'static str,
     title: String,
     schema: Value,
+    check: SchemaCheck,
     _entity: PhantomData<fn() -> E>,
 }
 
@@ -101,7 +104,8 @@ where
         E::Model::finish_schema(&mut schema);
         pydantic_key_order(&mut schema, false);
         let title = schema.get("title").and_then(Value::as_str).unwrap_or(name).to_owned();
-        Self { name, title, schema, _entity: PhantomData }
+        let check = SchemaCheck::new(&schema);
+        Self { name, title, schema, check, _entity: PhantomData }
     }
 }
 
@@ -162,7 +166,14 @@ where
 
     fn hydrate(&self, answer: &str) -> Result<Arc<dyn Record>, String> {
         let check = || {
-            let mut model: E::Model = parse_answer(answer)?;
+            let answer = parse_json(answer)?;
+            let violations = self.check.violations(&answer);
+            if !violations.is_empty() {
+                return Err(crate::validation::report(&violations));
+            }
+            let mut answer = answer;
+            whole_numbers_as_integers(&mut answer);
+            let mut model: E::Model = from_json(answer)?;
             model.hydrate();
             model.validate()?;
             Ok(model)
@@ -215,32 +226,56 @@ where
 }
 
 /// Parses the model's JSON answer into `T`, with an error that names the field and the
-/// problem (e.g. `secret_name: field required`), fit to send back to the model.
+/// problem (e.g. `secret_name: field required`), fit to send back to the model. (A
+/// generated entity's answer is also checked against its schema between the two steps:
+/// [`parse_json`], then [`from_json`].)
+pub fn parse_answer<T: serde::de::DeserializeOwned>(answer: &str) -> Result<T, String> {
+    from_json(parse_json(answer)?)
+}
+
+/// Reads the model's answer as JSON.
 ///
 /// Raw control characters inside strings (a newline typed into a name), which strict JSON
 /// forbids but grammar-constrained local models emit, are escaped first. A string holding the
 /// NUL character (`\u0000`), which Postgres cannot store, is a validation error like any
 /// other, so that the model is asked again rather than the insert failing.
-pub fn parse_answer<T: serde::de::DeserializeOwned>(answer: &str) -> Result<T, String> {
+pub fn parse_json(answer: &str) -> Result<Value, String> {
     let answer = escape_control_characters(answer);
-    let describe = |error: serde_path_to_error::Error<serde_json::Error>| {
-        let path = error.path().to_string();
-        describe_json_error(&path, &error.into_inner())
-    };
-    // (Raw NULs were escaped above.) Only an answer that may hold one is read twice: into a
-    // `Value`, to name the field, then into `T`; the others straight into `T`.
-    if !answer.contains("\\u0000") {
-        let mut deserializer = serde_json::Deserializer::from_str(&answer);
-        let value = serde_path_to_error::deserialize(&mut deserializer).map_err(describe)?;
-        deserializer.end().map_err(|error| describe_json_error(".", &error))?;
-        return Ok(value);
-    }
     let value: Value = serde_json::from_str(&answer).map_err(|error| describe_json_error(".", &error))?;
-    if let Some(path) = crate::text::nul_path(&value) {
+    // (Raw NULs were escaped above.)
+    if answer.contains("\\u0000")
+        && let Some(path) = crate::text::nul_path(&value)
+    {
         let field = if path.is_empty() { "the answer".to_owned() } else { path };
         return Err(format!("{field}: must not contain the NUL character (\\u0000)"));
     }
-    serde_path_to_error::deserialize(value).map_err(describe)
+    Ok(value)
+}
+
+/// Turns a JSON answer into `T`, naming the field that does not fit (a number too large for
+/// its column, say, which the schema does not bound).
+pub fn from_json<T: serde::de::DeserializeOwned>(answer: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(answer).map_err(|error| {
+        let path = error.path().to_string();
+        describe_json_error(&path, &error.into_inner())
+    })
+}
+
+/// Writes `1e3` and `30.0` as the integers they are. A JSON schema's `integer` accepts
+/// them, as pydantic does, and so must the `i32` behind it (serde would refuse a float).
+fn whole_numbers_as_integers(value: &mut Value) {
+    match value {
+        Value::Number(number) if number.is_f64() => {
+            let float = number.as_f64().unwrap_or(f64::NAN);
+            // Within ±2^53 every whole float is exact, and fits an i64.
+            if float.fract() == 0.0 && float.abs() <= 9_007_199_254_740_992.0 {
+                *value = Value::from(float as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(whole_numbers_as_integers),
+        Value::Object(object) => object.values_mut().for_each(whole_numbers_as_integers),
+        _ => {}
+    }
 }
 
 /// `text` with every raw control character inside a JSON string escaped (`\n`, `\u0007`…).
@@ -304,6 +339,21 @@ mod tests {
     fn a_wrong_type_is_named_with_its_field() {
         let error = parse_answer::<hero::Model>(r#"{"name": "a", "secret_name": "b", "age": "thirty"}"#).unwrap_err();
         assert!(error.starts_with("age: invalid type: string \"thirty\""), "{error}");
+    }
+
+    #[test]
+    fn an_answer_is_checked_against_its_schema_listing_every_violation() {
+        let app = crate::heroes::app();
+        let hero = app.registry().get("hero").unwrap();
+        let error = hero.hydrate(r#"{"name": "a", "age": "thirty"}"#).err().unwrap();
+        assert_eq!(error, "secret_name: field required\nage: must be an integer, got \"thirty\"");
+        // A whole number written as a float is an integer, as JSON Schema and pydantic say.
+        assert!(hero.hydrate(r#"{"name": "a", "secret_name": "b", "age": 3e1}"#).is_ok());
+        assert!(hero.hydrate(r#"{"name": "a", "secret_name": "b", "age": 30.5}"#).is_err());
+        // A value the schema allows but the column cannot hold is still named.
+        let error = hero.hydrate(r#"{"name": "a", "secret_name": "b", "age": 10000000000}"#).err().unwrap();
+        assert!(error.starts_with("age: invalid value: integer `10000000000`, expected i32"), "{error}");
+        assert!(hero.hydrate(r#"{"name": "a", "secret_name": "b", "age": null}"#).is_ok());
     }
 
     #[test]

@@ -173,6 +173,8 @@ pub mod telemetry;
 #[doc(hidden)]
 pub mod text;
 #[doc(hidden)]
+pub mod validation;
+#[doc(hidden)]
 pub mod worker;
 
 #[doc(hidden)]

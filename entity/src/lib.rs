@@ -25,8 +25,11 @@ use uuid::Uuid;
 /// A model that an LLM can generate: its JSON schema is what the model is sent, and its
 /// `Deserialize` impl parses the model's answer.
 pub trait Generate: JsonSchema + DeserializeOwned + Serialize + Send + Sync + 'static {
-    /// Checks what the type cannot express (ranges, non-empty strings). The error text is
-    /// sent back to the model in a re-ask, so it should name the field and the problem.
+    /// Checks the rules a schema cannot express: cross-field rules (the lines of an invoice
+    /// add up to its total), once the answer has met every constraint of its schema
+    /// (`#[schemars(length(min = 1), range(min = 0))]` and the like, which are both shown
+    /// to the model and enforced). The error text is sent back to the model in a re-ask: one
+    /// line per violation, each naming its field (`total_cents: …`).
     fn validate(&self) -> Result<(), String> {
         Ok(())
     }

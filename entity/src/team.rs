@@ -9,9 +9,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::hero;
 
-/// Most heroes a generated team may have.
-pub const MAX_HEROES: usize = 10;
-
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, Deserialize, schemars::JsonSchema)]
 #[sea_orm(table_name = "team")]
 #[schemars(rename = "Team", transform = crate::schema::pydantic_style)]
@@ -62,22 +59,6 @@ impl crate::Generate for Model {
         for hero in &mut self.heroes {
             hero.team_id = Some(self.id);
         }
-    }
-
-    fn validate(&self) -> Result<(), String> {
-        if self.name.trim().is_empty() {
-            return Err("name: must not be empty".to_owned());
-        }
-        if !(1..=MAX_HEROES).contains(&self.heroes.len()) {
-            return Err(format!("heroes: a team has 1 to {MAX_HEROES} heroes, this one has {}", self.heroes.len()));
-        }
-        for (index, hero) in self.heroes.iter().enumerate() {
-            if let Some(age) = hero.age.filter(|age| !hero::AGES.contains(age)) {
-                let (min, max) = (hero::AGES.start(), hero::AGES.end());
-                return Err(format!("heroes[{index}].age: must be from {min} to {max}, got {age}"));
-            }
-        }
-        Ok(())
     }
 
     fn insert_children<'a>(&'a self, txn: &'a DatabaseTransaction) -> crate::InsertFuture<'a> {

@@ -52,29 +52,42 @@ async fn a_team_with_eleven_heroes_is_re_asked() {
     assert_eq!(received.event.usage.total_tokens, 240, "usage summed over the re-ask");
     let calls = app.llm_requests().await;
     let error = calls[1]["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap().to_owned();
-    assert!(error.contains("heroes: a team has 1 to 10 heroes, this one has 11"), "{error}");
+    assert!(error.contains("heroes: must have at most 10 items, got 11"), "{error}");
     assert_eq!(app.count("SELECT count(*) FROM hero").await, 2, "nothing of the rejected answer is stored");
     app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_teams_empty_name_and_out_of_range_ages_are_re_asked() {
+async fn every_broken_constraint_of_a_team_is_listed_in_one_re_ask() {
     let mut app = spawn_app().await;
-    let nameless = json!({"name": " ", "headquarters": "HQ", "heroes": [{"name": "A", "secret_name": "B"}]});
-    let ancient = json!({"name": "T", "headquarters": "HQ", "heroes": [{"name": "A", "secret_name": "B", "age": 151}]});
-    answer_once(&app.llm, tool_call_completion("Team", &nameless.to_string())).await;
-    answer_once(&app.llm, tool_call_completion("Team", &ancient.to_string())).await;
+    // Four constraints of the schema the model was sent, broken at once.
+    let broken = json!({"name": "", "headquarters": "HQ", "heroes": [
+        {"name": "A", "secret_name": "B", "age": 151},
+        {"name": "C", "age": -1},
+    ]});
+    answer_once(&app.llm, tool_call_completion("Team", &broken.to_string())).await;
     answer_always(&app.llm, tool_call_completion("Team", &team_answer(1))).await;
 
     app.publish(&request("team", "Make a team")).await;
     let received = app.next_event().await;
 
     assert_eq!(received.routing_key, "job.succeeded.team");
-    assert_eq!(received.event.attempts, 3);
+    assert_eq!(received.event.attempts, 2, "one re-ask for all four");
     let calls = app.llm_requests().await;
-    let last =
-        |i: usize| calls[i]["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap().to_owned();
-    assert!(last(1).contains("name: must not be empty"), "{}", last(1));
-    assert!(last(2).contains("heroes[0].age: must be from 0 to 150, got 151"), "{}", last(2));
+    let reask = calls[1]["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap().to_owned();
+    let listed = [
+        "name: must not be empty",
+        "heroes[0].age: must be at most 150, got 151",
+        "heroes[1].secret_name: field required",
+        "heroes[1].age: must be at least 0, got -1",
+    ];
+    for violation in listed {
+        assert!(reask.lines().any(|line| line == violation), "{violation:?} is not a line of {reask}");
+    }
+    // The limits the answer broke are the ones the model was shown.
+    let schema = &calls[0]["tools"][0]["function"]["parameters"];
+    assert_eq!(schema["properties"]["name"]["minLength"], 1);
+    assert_eq!(schema["$defs"]["Hero"]["properties"]["age"]["anyOf"][0]["maximum"], 150);
+    assert_eq!(schema["properties"]["heroes"]["maxItems"], 10);
     app.stop().await;
 }

@@ -75,7 +75,7 @@ async fn hero_and_team_jobs_against_the_local_model_are_stored_and_announced() {
                 assert_eq!(app.count(&format!("SELECT count(*) FROM hero WHERE team_id = '{id}'")).await, heroes);
             }
             ("team", None) => {
-                // Only what the grammar cannot express may fail it: a blank name or an age
+                // Only what the grammar cannot express may fail it: an empty name or an age
                 // out of range, re-asked until the budget ran out.
                 let error = event.error.as_ref().unwrap();
                 assert_eq!(error.kind, instructd::contract::ErrorKind::Validation, "{}", error.message);
