@@ -39,12 +39,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 // The tests' helpers: the same admin database, broker URL and event queue as the tests use.
-#[allow(dead_code)]
-#[path = "../tests/api/helpers.rs"]
-mod helpers;
-#[allow(dead_code)]
-#[path = "../tests/api/https_provider.rs"]
-mod https_provider;
+use testkit::{self as helpers, https_provider};
 
 use helpers::{broker_url, create_database, listen};
 

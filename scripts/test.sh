@@ -17,7 +17,7 @@ if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --test-threads 2 --no-fail-fast -E 'not binary(chaos) and not binary(local_model)'
   cargo nextest run --workspace --test-threads 1 --no-fail-fast -E 'binary(chaos)' --success-output immediate
 else
-  cargo test --workspace --no-fail-fast --lib --bins --test api -- --test-threads 2
+  cargo test --workspace --no-fail-fast --lib --bins --test api --test end_to_end -- --test-threads 2
   cargo test --workspace --no-fail-fast --test chaos -- --test-threads 1 --nocapture
 fi
 # The library's documented example (an application with an entity of its own) compiles.

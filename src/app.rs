@@ -3,14 +3,15 @@
 //! `config`).
 
 use std::ffi::OsString;
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use entity::Generate;
-use sea_orm::{EntityTrait, IntoActiveModel};
-use sea_orm_migration::{MigrationTrait, MigratorTrait, MigratorTraitSelf};
+use sea_orm::{DbErr, EntityTrait, IntoActiveModel, Schema};
+use sea_orm_migration::{MigrationName, MigrationTrait, MigratorTrait, MigratorTraitSelf, SchemaManager};
 
 use crate::config::{CONFIG_FILE_ENV, Settings};
 use crate::enqueue::{self, EnqueueArgs};
@@ -176,6 +177,46 @@ pub(crate) struct Migrations<'a>(&'a [MigrationList]);
 impl MigratorTraitSelf for Migrations<'_> {
     fn migrations(&self) -> Vec<Box<dyn MigrationTrait>> {
         migration::instructd().into_iter().chain(self.0.iter().flat_map(|migrations| migrations())).collect()
+    }
+}
+
+/// A migration that creates the table of the SeaORM entity `E` from its declaration, with no
+/// hand-written DDL: its columns and their types, its primary key, the foreign keys of its
+/// `belongs_to` relations, and an index on each `#[sea_orm(indexed)]` column (SeaORM's
+/// `Schema::create_table_from_entity`). In a `Migrator`'s list:
+/// `Box::new(CreateTable::<invoice::Entity>::named("m20261201_000001_create_invoice"))` (see
+/// the crate's example).
+pub struct CreateTable<E> {
+    name: &'static str,
+    entity: PhantomData<fn() -> E>,
+}
+
+impl<E> CreateTable<E> {
+    /// The migration called `name`, as it is recorded once applied: never rename it.
+    pub fn named(name: &'static str) -> Self {
+        Self { name, entity: PhantomData }
+    }
+}
+
+impl<E> MigrationName for CreateTable<E> {
+    fn name(&self) -> &str {
+        self.name
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl<E: EntityTrait + Default> MigrationTrait for CreateTable<E> {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let schema = Schema::new(manager.get_database_backend());
+        manager.create_table(schema.create_table_from_entity(E::default())).await?;
+        for index in schema.create_index_from_entity(E::default()) {
+            manager.create_index(index).await?;
+        }
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager.drop_table(sea_orm::sea_query::Table::drop().table(E::default()).to_owned()).await
     }
 }
 

@@ -16,18 +16,21 @@
 //!     use sea_orm::entity::prelude::*;
 //!     use serde::{Deserialize, Serialize};
 //!
-//!     // The row, and the schema the model is sent (`notes schema note`). No doc comments
-//!     // here: schemars would send them to the model as descriptions.
+//!     /// A note: the row, and the schema the model is sent (`notes schema note`). Its doc
+//!     /// comments are for Rust readers (`#[instructd::model]`); the model reads
+//!     /// `#[schemars(description = …)]`, and is held to every constraint it is shown.
+//!     #[instructd::model]
 //!     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, Deserialize, schemars::JsonSchema)]
 //!     #[sea_orm(table_name = "note")]
 //!     #[schemars(rename = "Note", transform = instructd::schema::pydantic_style)]
 //!     pub struct Model {
-//!         // Server-owned: hidden from the model, filled by a default factory.
+//!         /// Server-owned: hidden from the model, filled by a default factory.
 //!         #[sea_orm(primary_key, auto_increment = false)]
 //!         #[serde(skip_deserializing, default = "Uuid::new_v4")]
 //!         #[schemars(skip)]
 //!         pub id: Uuid,
 //!         #[sea_orm(column_type = "Text")]
+//!         #[schemars(length(min = 1, max = 80), description = "A short title")]
 //!         pub title: String,
 //!         #[sea_orm(column_type = "Text")]
 //!         pub body: String,
@@ -45,37 +48,17 @@
 //!     }
 //! }
 //!
-//! mod migrations {
-//!     use sea_orm_migration::prelude::*;
+//! // Its table, from its declaration (or write the DDL yourself in a migration of your own).
+//! struct Migrator;
 //!
-//!     pub struct Migrator;
-//!
-//!     #[async_trait::async_trait]
-//!     impl MigratorTrait for Migrator {
-//!         fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-//!             vec![Box::new(CreateNote)]
-//!         }
-//!     }
-//!
-//!     struct CreateNote;
-//!
-//!     impl MigrationName for CreateNote {
-//!         fn name(&self) -> &str {
-//!             "m20261201_000001_create_note"
-//!         }
-//!     }
-//!
-//!     #[async_trait::async_trait]
-//!     impl MigrationTrait for CreateNote {
-//!         async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-//!             let schema = sea_orm::Schema::new(manager.get_database_backend());
-//!             manager.create_table(schema.create_table_from_entity(super::note::Entity)).await
-//!         }
+//! impl sea_orm_migration::MigratorTrait for Migrator {
+//!     fn migrations() -> Vec<Box<dyn sea_orm_migration::MigrationTrait>> {
+//!         vec![Box::new(instructd::CreateTable::<note::Entity>::named("m20261201_000001_create_note"))]
 //!     }
 //! }
 //!
 //! fn main() -> std::process::ExitCode {
-//!     instructd::App::new().entity::<note::Entity>("note").migrations::<migrations::Migrator>().main()
+//!     instructd::App::new().entity::<note::Entity>("note").migrations::<Migrator>().main()
 //! }
 //! ```
 //!
@@ -131,8 +114,9 @@ mod allocator;
 mod app;
 pub mod heroes;
 
-pub use app::App;
+pub use app::{App, CreateTable};
 pub use entity::{Generate, InsertFuture, schema};
+pub use instructd_macros::model;
 
 // The daemon's parts, public for instructd's own tests and benchmark only: not part of the
 // API, and free to change.

@@ -7,7 +7,8 @@ use serde_json::{Map, Value, json};
 /// A schemars `transform` for generated entities, applied with
 /// `#[schemars(transform = entity::schema::pydantic_style)]`:
 ///
-/// - every property gets pydantic's title (`secret_name` → `Secret Name`);
+/// - every property gets pydantic's title (`secret_name` → `Secret Name`), an inlined enum
+///   (`#[schemars(inline)]`, pydantic's `Literal[...]`) included;
 /// - `"type": ["integer", "null"]` becomes `"anyOf": [{"type": "integer"}, {"type": "null"}]`;
 /// - an optional property (not in `required`) defaults to `null`, as `Optional[int] = None`;
 /// - Rust's numeric formats (`int32`, `uint8`, `double`, …) are dropped: they describe
@@ -26,6 +27,10 @@ pub fn pydantic_style(schema: &mut Schema) {
         split_nullable_type(property);
         if !required.contains(name) && is_nullable(property) && !property.contains_key("default") {
             property.insert("default".into(), Value::Null);
+        }
+        if property.contains_key("enum") {
+            // An inlined enum carries its type's name; pydantic titles a `Literal` by its field.
+            property.insert("title".into(), Value::String(pydantic_title(name)));
         }
         property.entry("title").or_insert_with(|| Value::String(pydantic_title(name)));
     }

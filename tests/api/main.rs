@@ -2,15 +2,17 @@
 //! by `scripts/services.sh`), with the LLM faked at the HTTP level by wiremock so that the
 //! real async-openai client, HTTP, retries and timeouts run.
 
+// The helpers (a daemon per test, the fake provider) are the workspace's `testkit` crate.
+use testkit as helpers;
+use testkit::https_provider;
+
 mod batching;
 mod cli;
 mod contract_docs;
 mod dead_letters;
 mod enqueue;
 mod generation;
-mod helpers;
 mod hostile;
-mod https_provider;
 mod idempotency;
 mod modes;
 mod operating;

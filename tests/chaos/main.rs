@@ -3,9 +3,7 @@
 //! tests restart the shared services, so they run alone, one at a time
 //! (`scripts/test.sh`). Every wait is a bounded poll on rows or events.
 
-#[allow(dead_code)]
-#[path = "../api/helpers.rs"]
-mod helpers;
+use testkit as helpers;
 mod support;
 
 mod crashes;

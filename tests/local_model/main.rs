@@ -7,9 +7,7 @@
 //! model chooses to write: a hero always succeeds; a team succeeds unless it breaks a rule the
 //! grammar cannot express, and then fails as a validation failure naming that rule.
 
-#[allow(dead_code)]
-#[path = "../api/helpers.rs"]
-mod helpers;
+use testkit as helpers;
 
 use std::time::{Duration, Instant};
 

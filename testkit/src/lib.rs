@@ -1,6 +1,14 @@
-//! `spawn_app()`: a daemon on its own fresh database, its own randomly named queues and
-//! exchange, and a wiremock fake of the chat-completions API; plus a test-side AMQP
-//! channel to publish requests and read events and dead letters.
+//! instructd's test helpers, shared by its test suites, its benchmark and the example
+//! applications' tests. `spawn_app()`: a daemon on its own fresh database, its own randomly
+//! named queues and exchange, and a wiremock fake of the chat-completions API; plus a
+//! test-side AMQP channel to publish requests and read events and dead letters.
+//!
+//! Needs the services of `scripts/services.sh` (or `INSTRUCTD_TEST_ADMIN_DATABASE_URL` and
+//! `INSTRUCTD_TEST_BROKER_URL`).
+
+#![allow(missing_docs)]
+
+pub mod https_provider;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -46,9 +54,21 @@ pub struct TestApp {
     pub db: DatabaseConnection,
     pub channel: Channel,
     events: Consumer,
-    stop: Option<oneshot::Sender<()>>,
-    daemon: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    daemon: Daemon,
     _connection: Connection,
+}
+
+/// The daemon under test: a task of the test's process, or an application's binary.
+enum Daemon {
+    InProcess { stop: Option<oneshot::Sender<()>>, task: Option<tokio::task::JoinHandle<anyhow::Result<()>>> },
+    Process(tokio::process::Child),
+}
+
+/// How [`spawn_daemon`] starts the daemon.
+enum Launch {
+    InProcess,
+    /// `run` of this binary, configured by the environment.
+    Binary(std::path::PathBuf, HashMap<String, String>),
 }
 
 /// Settings for one test: fresh names, the fake LLM, fast retries.
@@ -86,7 +106,27 @@ pub fn test_env(llm: &MockServer, database_url: &str) -> HashMap<String, String>
 /// The real `instructd` binary, with no configuration inherited from the developer's
 /// environment (`INSTRUCTD__*`, `INSTRUCTD_CONFIG`, `OPENAI_API_KEY`).
 pub fn instructd_binary() -> std::process::Command {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_instructd"));
+    binary(&built_binary("instructd"))
+}
+
+/// The binary `name` that cargo built beside the running test (cargo's
+/// `CARGO_BIN_EXE_<name>` is only known to the package's own tests, at compile time).
+pub fn built_binary(name: &str) -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os(format!("NEXTEST_BIN_EXE_{name}")) {
+        return path.into();
+    }
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
+    let test = std::env::current_exe().expect("the test knows its path");
+    let profile = test.parent().and_then(std::path::Path::parent).expect("the test runs from target/<profile>/deps");
+    let binary = profile.join(name);
+    assert!(binary.exists(), "{} is not built", binary.display());
+    binary
+}
+
+/// `program` with no configuration inherited from the developer's environment
+/// (`INSTRUCTD__*`, `INSTRUCTD_CONFIG`, `OPENAI_API_KEY`).
+pub fn binary(program: &std::path::Path) -> std::process::Command {
+    let mut command = std::process::Command::new(program);
     command.env_remove("OPENAI_API_KEY").env_remove("INSTRUCTD_CONFIG");
     for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("INSTRUCTD__")) {
         command.env_remove(key);
@@ -118,16 +158,31 @@ pub async fn spawn_app_with(settings: Settings, llm: MockServer) -> TestApp {
 /// Like [`spawn_app_with`], with the test's event queue bound to the events exchange with
 /// `binding` only.
 pub async fn spawn_app_listening(settings: Settings, llm: MockServer, binding: &str) -> TestApp {
-    spawn_daemon(settings, llm, binding, None).await
+    spawn_daemon(settings, llm, binding, None, Launch::InProcess).await
+}
+
+/// Like [`spawn_app`], with the daemon an application's binary (`program run`, as an operator
+/// starts it) rather than instructd's `hero` and `team` in the test's process.
+pub async fn spawn_binary(program: &std::path::Path) -> TestApp {
+    let llm = MockServer::start().await;
+    let env = test_env(&llm, &create_database().await);
+    let settings = Settings::load_from(None, env.clone()).expect("test settings are valid");
+    spawn_daemon(settings, llm, "#", None, Launch::Binary(program.to_owned(), env)).await
 }
 
 /// Like [`spawn_app_with`], without waiting for the daemon's database, which the test reads
 /// through `db` (a way in of its own, for when the daemon's is cut or not ready).
 pub async fn spawn_app_unready(settings: Settings, llm: MockServer, db: DatabaseConnection) -> TestApp {
-    spawn_daemon(settings, llm, "#", Some(db)).await
+    spawn_daemon(settings, llm, "#", Some(db), Launch::InProcess).await
 }
 
-async fn spawn_daemon(settings: Settings, llm: MockServer, binding: &str, db: Option<DatabaseConnection>) -> TestApp {
+async fn spawn_daemon(
+    settings: Settings,
+    llm: MockServer,
+    binding: &str,
+    db: Option<DatabaseConnection>,
+    launch: Launch,
+) -> TestApp {
     init_test_logs();
     // Declare the topology and bind a queue to the events before the daemon runs, so no
     // event can be published before the test listens.
@@ -137,13 +192,19 @@ async fn spawn_daemon(settings: Settings, llm: MockServer, binding: &str, db: Op
     instructd::broker::topology::declare(&channel, &settings.broker).await.unwrap();
     let events = listen(&channel, &settings.broker.events_exchange, binding).await;
 
-    let app = Application::build(settings.clone(), instructd::heroes::app()).await.expect("the app builds");
-    let http_addr = app.http_addr();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let daemon = tokio::spawn(app.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
     let leftovers = Leftovers::of(&settings);
+    let (http_addr, daemon) = match launch {
+        Launch::InProcess => {
+            let app = Application::build(settings.clone(), instructd::heroes::app()).await.expect("the app builds");
+            let http_addr = app.http_addr();
+            let (stop, stopped) = oneshot::channel::<()>();
+            let task = tokio::spawn(app.run_until_stopped(async move {
+                let _ = stopped.await;
+            }));
+            (http_addr, Daemon::InProcess { stop: Some(stop), task: Some(task) })
+        }
+        Launch::Binary(program, env) => start_binary(&program, env).await,
+    };
     let db = match db {
         Some(db) => db,
         None => {
@@ -160,18 +221,7 @@ async fn spawn_daemon(settings: Settings, llm: MockServer, binding: &str, db: Op
             db
         }
     };
-    TestApp {
-        settings,
-        leftovers,
-        http_addr,
-        llm,
-        db,
-        channel,
-        events,
-        stop: Some(stop),
-        daemon: Some(daemon),
-        _connection: connection,
-    }
+    TestApp { settings, leftovers, http_addr, llm, db, channel, events, daemon, _connection: connection }
 }
 
 /// A server-named queue bound to `exchange` with `binding`, and a consumer on it.
@@ -344,10 +394,19 @@ impl TestApp {
             .collect()
     }
 
-    /// Signals the daemon to stop, as SIGTERM would, without waiting for it.
+    /// Signals the daemon to stop (SIGTERM, or as SIGTERM would), without waiting for it.
     pub fn begin_shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+        match &mut self.daemon {
+            Daemon::InProcess { stop, .. } => {
+                if let Some(stop) = stop.take() {
+                    let _ = stop.send(());
+                }
+            }
+            Daemon::Process(child) => {
+                if let Some(pid) = child.id() {
+                    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+                }
+            }
         }
     }
 
@@ -372,11 +431,19 @@ impl TestApp {
         command
     }
 
-    /// Stops the daemon as SIGTERM would and waits for it to return.
+    /// Stops the daemon as SIGTERM would and waits for it to return (a binary: exit 0).
     pub async fn stop(mut self) {
         self.begin_shutdown();
-        if let Some(daemon) = self.daemon.take() {
-            tokio::time::timeout(PATIENCE, daemon).await.expect("the daemon stops in time").unwrap().unwrap();
+        match &mut self.daemon {
+            Daemon::InProcess { task, .. } => {
+                if let Some(task) = task.take() {
+                    tokio::time::timeout(PATIENCE, task).await.expect("the daemon stops in time").unwrap().unwrap();
+                }
+            }
+            Daemon::Process(child) => {
+                let status = tokio::time::timeout(PATIENCE, child.wait()).await.expect("the daemon stops in time");
+                assert!(status.unwrap().success(), "the daemon exits 0 on SIGTERM");
+            }
         }
         self.clean_up().await;
     }
@@ -386,6 +453,41 @@ impl TestApp {
         let _ = self.db.clone().close().await;
         self.leftovers.delete().await;
     }
+}
+
+/// Starts `program run` with `env` and JSON logs, and returns where it serves HTTP (read from
+/// its log, as it binds port 0). Its log goes on to the test's stderr.
+async fn start_binary(program: &std::path::Path, env: HashMap<String, String>) -> (std::net::SocketAddr, Daemon) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let mut command = tokio::process::Command::from(binary(program));
+    command
+        .arg("run")
+        .envs(env)
+        .env("INSTRUCTD__LOG__FORMAT", "json")
+        .env("INSTRUCTD__LOG__LEVEL", "info")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command.spawn().unwrap_or_else(|error| panic!("{} starts: {error}", program.display()));
+    let mut log = BufReader::new(child.stderr.take().expect("stderr is piped")).lines();
+    let serving = async {
+        while let Some(line) = log.next_line().await.expect("the daemon's log is readable") {
+            eprintln!("{line}");
+            let entry: Value = serde_json::from_str(&line).unwrap_or_default();
+            if let Some(addr) = entry["fields"]["http_addr"].as_str().or(entry["http_addr"].as_str()) {
+                return addr.parse().expect("http_addr is an address");
+            }
+        }
+        panic!("the daemon exited before serving HTTP");
+    };
+    let http_addr = tokio::time::timeout(PATIENCE, serving).await.expect("the daemon serves HTTP in time");
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = log.next_line().await {
+            eprintln!("{line}");
+        }
+    });
+    (http_addr, Daemon::Process(child))
 }
 
 /// What a test created on the shared broker and database: its queues, its exchange and its
