@@ -204,6 +204,16 @@ def check_policy(docs: dict, unit: str, dockerfile_path: Path) -> None:
     check(final.get("ENTRYPOINT") == ("/usr/local/bin/instructd",), where, "ENTRYPOINT must be the binary")
     check(final.get("CMD") == ("run",), where, "CMD must be [run]")
     check(user == str(pod["securityContext"]["runAsUser"]), where, "USER differs from the Deployment's runAsUser")
+    # The build stage must hold every path the workspace's Cargo.toml reads: its members, its
+    # patches, and the files of the targets it names (else cargo cannot load the workspace).
+    copied = {ins.value[0].rstrip("/") for ins in stages[0] if ins.cmd == "COPY"}
+    manifest = tomllib.loads((ROOT / "Cargo.toml").read_text())
+    needed = set(manifest["workspace"]["members"]) - {"."}
+    needed |= {patch["path"] for patches in manifest.get("patch", {}).values() for patch in patches.values()}
+    for kind, directory in (("test", "tests"), ("bench", "benches")):
+        needed |= {target.get("path", f"{directory}/{target['name']}.rs") for target in manifest.get(kind, [])}
+    for path in sorted(needed):
+        check(any(path == c or path.startswith(c + "/") for c in copied), where, f"the build stage does not COPY {path}")
 
 
 def main() -> int:
