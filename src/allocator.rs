@@ -18,7 +18,7 @@ static malloc_conf: Option<&'static std::ffi::c_char> =
 
 /// Keeps [`malloc_conf`] in the final binary. jemalloc has a weak default of its own, and a
 /// static nothing refers to lives in an archive member the linker need not pull in:
-/// [`crate::App::main`] calls this.
+/// [`crate::App::run_cli`] (which `App::main` runs) calls this.
 pub(crate) fn keep_options() {
     std::hint::black_box(&malloc_conf);
 }

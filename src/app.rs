@@ -24,8 +24,9 @@ use crate::{shutdown, telemetry};
 ///
 /// instructd's own tables (jobs, the outbox, workers) are migrated first, always; an
 /// application's migrations follow, in the order they were added, recorded in the same
-/// table (`seaql_migrations`). A database belongs to one application: migrating it with
-/// another's binary stops at the migrations it does not know.
+/// table (`seaql_migrations`). A database belongs to one application: another's binary
+/// refuses to migrate it (sea-orm names the applied migrations it does not know, and applies
+/// nothing).
 #[derive(Clone, Default)]
 pub struct App {
     registry: Registry,
@@ -46,8 +47,10 @@ impl App {
     /// [`Generate`].
     ///
     /// # Panics
-    /// If `name` is taken, or is not made of lowercase ASCII letters, digits and `_` (it is a
-    /// word of the events' routing keys, `job.succeeded.<name>`, and a metrics label).
+    /// If `name` is taken, is `unknown` (the routing keys' word for an entity nobody declared),
+    /// or is not made of lowercase ASCII letters, digits and `_` (it is a word of the events'
+    /// routing keys, `job.succeeded.<name>`, and a metrics label); or if `E`'s schema is not a
+    /// valid JSON schema (a `regex` pattern the validator cannot compile, say).
     pub fn entity<E>(mut self, name: &'static str) -> Self
     where
         E: EntityTrait,
@@ -56,13 +59,15 @@ impl App {
     {
         let word = !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
         assert!(word, "entity name `{name}`: use lowercase ASCII letters, digits and `_`");
+        assert!(name != "unknown", "entity name `unknown` is taken by instructd (undeclared entities' routing key)");
         assert!(self.registry.get(name).is_none(), "entity name `{name}` is declared twice");
         self.registry = self.registry.with::<E>(name);
         self
     }
 
     /// Adds the migrations of `M` (a sea-orm-migration `Migrator` listing this application's
-    /// own tables), applied after instructd's and those added before.
+    /// own tables), applied after instructd's and those added before, all recorded in
+    /// `seaql_migrations` (`M::migration_table_name` is not used).
     pub fn migrations<M: MigratorTrait>(mut self) -> Self {
         self.migrations.push(M::migrations);
         self
@@ -71,8 +76,6 @@ impl App {
     /// Runs the command line (`std::env::args`) on a multi-threaded Tokio runtime, and returns
     /// the exit code: meant to be `main`'s whole body.
     pub fn main(self) -> ExitCode {
-        #[cfg(feature = "jemalloc")]
-        crate::allocator::keep_options();
         let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
             Ok(runtime) => runtime,
             Err(error) => {
@@ -90,6 +93,8 @@ impl App {
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
+        #[cfg(feature = "jemalloc")]
+        crate::allocator::keep_options();
         let mut args = args.into_iter().map(Into::into).peekable();
         // `invoices --help` says `invoices`, not `instructd`.
         let name = args
@@ -171,6 +176,19 @@ impl App {
     }
 }
 
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let entities: Vec<&str> = self.registry.names().collect();
+        f.debug_struct("App").field("entities", &entities).field("migrators", &self.migrations.len()).finish()
+    }
+}
+
+impl<E> std::fmt::Debug for CreateTable<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateTable").field("name", &self.name).field("entity", &std::any::type_name::<E>()).finish()
+    }
+}
+
 /// The migrations of an [`App`], instructd's own first.
 pub(crate) struct Migrations<'a>(&'a [MigrationList]);
 
@@ -183,7 +201,10 @@ impl MigratorTraitSelf for Migrations<'_> {
 /// A migration that creates the table of the SeaORM entity `E` from its declaration, with no
 /// hand-written DDL: its columns and their types, its primary key, the foreign keys of its
 /// `belongs_to` relations, and an index on each `#[sea_orm(indexed)]` column (SeaORM's
-/// `Schema::create_table_from_entity`). In a `Migrator`'s list:
+/// `Schema::create_table_from_entity`), and first the types of its Postgres enum columns.
+/// The table is created as the entity is declared when the migration runs: use it for an
+/// entity's first version, and a migration of your own (`ALTER TABLE …`) for each change
+/// after it, as a fresh database runs them all. In a `Migrator`'s list:
 /// `Box::new(CreateTable::<invoice::Entity>::named("m20261201_000001_create_invoice"))` (see
 /// the crate's example).
 pub struct CreateTable<E> {
@@ -208,6 +229,9 @@ impl<E> MigrationName for CreateTable<E> {
 impl<E: EntityTrait + Default> MigrationTrait for CreateTable<E> {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         let schema = Schema::new(manager.get_database_backend());
+        for enumeration in schema.create_enum_from_entity(E::default()) {
+            manager.create_type(enumeration).await?;
+        }
         manager.create_table(schema.create_table_from_entity(E::default())).await?;
         for index in schema.create_index_from_entity(E::default()) {
             manager.create_index(index).await?;
@@ -265,12 +289,26 @@ mod tests {
     }
 
     #[test]
+    #[should_panic(expected = "entity name `unknown` is taken")]
+    fn the_routing_keys_unknown_is_not_an_entity_name() {
+        let _ = App::new().entity::<entity::hero::Entity>("unknown");
+    }
+
+    #[test]
     fn instructd_tables_are_migrated_before_the_applications() {
         let app = crate::heroes::app();
         let names: Vec<String> = app.migrator().migrations().iter().map(|m| m.name().to_owned()).collect();
-        let own: Vec<String> = migration::instructd().iter().map(|m| m.name().to_owned()).collect();
-        assert_eq!(names[..own.len()], own[..]);
-        assert_eq!(names.len(), own.len() + 2, "{names:?}");
-        assert!(names.iter().any(|name| name.ends_with("create_team")), "{names:?}");
+        assert_eq!(
+            names,
+            [
+                "m20261124_000002_create_generation_job",
+                "m20261124_000003_create_event_outbox",
+                "m20261124_000004_outbox_retry_backoff",
+                "m20261130_000006_worker_presence_and_retention",
+                "m20261124_000001_create_hero",
+                "m20261124_000005_create_team",
+            ]
+        );
+        assert_eq!(format!("{app:?}"), r#"App { entities: ["hero", "team"], migrators: 1 }"#);
     }
 }

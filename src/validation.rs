@@ -1,6 +1,8 @@
 //! An answer checked against the very schema the model was sent, so that the constraints the
 //! model is shown (`minLength`, `minimum`, `maxItems`, `enum`, `format`, `pattern`, …) are
 //! exactly the ones enforced, declared once on the entity (`#[schemars(length(min = 1))]`).
+//! (In strict mode the model is sent a schema derived from it for the provider's subset, which
+//! may drop a keyword, e.g. some formats: the answer is still held to the entity's.)
 //!
 //! Like pydantic, the check reports **every** violation at once, one per line, each with its
 //! path (`line_items[2].quantity: must be at least 1, got 0`): the model is re-asked with the
@@ -62,18 +64,22 @@ impl SchemaCheck {
     }
 }
 
-/// The violations as one message, one per line, cut at a whole line to fit
-/// [`text::MAX_MESSAGE_BYTES`].
+/// The most bytes of one violation: a few fit in a message, whatever a line quotes.
+const MAX_LINE_BYTES: usize = 400;
+
+/// The violations as one message, one per line (each clipped to [`MAX_LINE_BYTES`]), cut at
+/// a whole line to fit [`text::MAX_MESSAGE_BYTES`].
 pub fn report(violations: &[String]) -> String {
     let mut message = String::new();
     for (shown, line) in violations.iter().enumerate() {
         let rest = violations.len() - shown;
+        let line = text::clip(line, MAX_LINE_BYTES);
         // Room for this line and, if more follow, for saying how many.
         if message.len() + line.len() + 40 > text::MAX_MESSAGE_BYTES {
             let _ = write!(message, "… and {rest} more");
             return message;
         }
-        message.push_str(line);
+        message.push_str(&line);
         if rest > 1 {
             message.push('\n');
         }
@@ -130,9 +136,15 @@ fn describe(error: &ValidationError<'_>, lines: &mut Vec<String>) {
         ValidationErrorKind::Format { format } => format!("must be {}, got {}", format_name(format), got(instance)),
         ValidationErrorKind::Pattern { pattern } => format!("must match the pattern {pattern}, got {}", got(instance)),
         ValidationErrorKind::AdditionalProperties { unexpected } => {
-            let names: Vec<String> = unexpected.iter().map(|name| format!("`{}`", text::quoted(name))).collect();
-            format!("unexpected {}: {}", if names.len() == 1 { "field" } else { "fields" }, names.join(", "))
+            const NAMED: usize = 5;
+            let mut names: Vec<String> =
+                unexpected.iter().take(NAMED).map(|name| format!("`{}`", text::quoted(name))).collect();
+            if unexpected.len() > NAMED {
+                names.push(format!("and {} more", unexpected.len() - NAMED));
+            }
+            format!("unexpected {}: {}", if unexpected.len() == 1 { "field" } else { "fields" }, names.join(", "))
         }
+        ValidationErrorKind::FalseSchema => "is not allowed here".to_owned(),
         // Keywords instructd's schemas do not use; the validator's own words.
         _ => text::clip(&error.to_string(), 300).into_owned(),
     };
@@ -318,5 +330,20 @@ mod tests {
         assert!(report.ends_with(" more"), "{report}");
         assert!(report.lines().all(|line| line.starts_with("field_") || line.starts_with('…')), "{report}");
         assert_eq!(super::report(&["a: x".to_owned(), "b: y".to_owned()]), "a: x\nb: y");
+        // A line too long for a message is clipped, not dropped.
+        let report = super::report(&[format!("a: {}", "z".repeat(5_000))]);
+        assert!(report.starts_with("a: zzz") && report.ends_with('…') && report.len() <= MAX_LINE_BYTES, "{report}");
+    }
+
+    #[test]
+    fn unexpected_fields_are_named_up_to_five() {
+        let check =
+            SchemaCheck::new(&json!({"type": "object", "properties": {"a": {}}, "additionalProperties": false}));
+        let answer: serde_json::Map<String, Value> = (0..1_000).map(|i| (format!("k{i:04}"), json!(1))).collect();
+        let violations = check.violations(&Value::Object(answer));
+        assert_eq!(
+            violations,
+            ["the answer: unexpected fields: `k0000`, `k0001`, `k0002`, `k0003`, `k0004`, and 995 more"]
+        );
     }
 }

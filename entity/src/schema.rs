@@ -8,7 +8,8 @@ use serde_json::{Map, Value, json};
 /// `#[schemars(transform = entity::schema::pydantic_style)]`:
 ///
 /// - every property gets pydantic's title (`secret_name` → `Secret Name`), an inlined enum
-///   (`#[schemars(inline)]`, pydantic's `Literal[...]`) included;
+///   (`#[schemars(inline)]`, pydantic's `Literal[...]`) included, but a reference to a
+///   definition (a nested model, an enum), optional or not: pydantic leaves those untitled;
 /// - `"type": ["integer", "null"]` becomes `"anyOf": [{"type": "integer"}, {"type": "null"}]`;
 /// - an optional property (not in `required`) defaults to `null`, as `Optional[int] = None`;
 /// - Rust's numeric formats (`int32`, `uint8`, `double`, …) are dropped: they describe
@@ -27,6 +28,9 @@ pub fn pydantic_style(schema: &mut Schema) {
         split_nullable_type(property);
         if !required.contains(name) && is_nullable(property) && !property.contains_key("default") {
             property.insert("default".into(), Value::Null);
+        }
+        if is_reference(property) {
+            continue;
         }
         if property.contains_key("enum") {
             // An inlined enum carries its type's name; pydantic titles a `Literal` by its field.
@@ -94,6 +98,15 @@ fn split_nullable_type(property: &mut Map<String, Value>) {
         }
     }
     property.insert("anyOf".into(), json!([Value::Object(branch), {"type": "null"}]));
+}
+
+/// `{"$ref": …}`, or `{"anyOf": [{"$ref": …}, {"type": "null"}]}` (an `Option` of one).
+fn is_reference(property: &Map<String, Value>) -> bool {
+    property.contains_key("$ref")
+        || property
+            .get("anyOf")
+            .and_then(Value::as_array)
+            .is_some_and(|branches| branches.iter().any(|b| b.get("$ref").is_some()))
 }
 
 fn is_nullable(property: &Map<String, Value>) -> bool {

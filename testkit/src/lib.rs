@@ -410,6 +410,14 @@ impl TestApp {
         }
     }
 
+    /// The daemon's process id, when it is a binary ([`spawn_binary`]).
+    pub fn daemon_pid(&self) -> Option<u32> {
+        match &self.daemon {
+            Daemon::Process(child) => child.id(),
+            Daemon::InProcess { .. } => None,
+        }
+    }
+
     /// GETs `path` on the daemon's HTTP endpoint: status and body.
     pub async fn get(&self, path: &str) -> (u16, String) {
         http_get(&format!("http://{}{path}", self.http_addr)).await.expect("the endpoint answers")

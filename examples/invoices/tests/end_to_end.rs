@@ -65,6 +65,14 @@ async fn an_invoice_and_its_lines_are_stored_in_one_go_with_server_ids_and_annou
     let tool = &app.llm_requests().await[0]["tools"][0]["function"];
     assert_eq!(tool["name"], "Invoice");
     assert_eq!(tool["parameters"]["$defs"]["LineItem"]["properties"]["quantity"]["minimum"], 1);
+    // The application runs on the allocator and options instructd is measured with: jemalloc's
+    // background thread (`background_thread:true`) runs in its process.
+    let pid = app.daemon_pid().expect("the daemon is a process");
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .collect();
+    assert!(threads.iter().any(|name| name.trim() == "jemalloc_bg_thd"), "{threads:?}");
     app.stop().await;
 }
 
