@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::config::Settings;
 use crate::contract::GenerationRequest;
 use crate::entities::{EntityKind, Registry};
-use crate::store::JobRecord;
+use crate::job::JobRecord;
 use crate::text;
 
 /// A request that passed every check.

@@ -77,8 +77,9 @@
 //! 3. **generate** — `llm::generate` calls the model in tools mode, retrying transport
 //!    failures (`llm::retry`) while the provider's circuit allows (`llm::circuit`) and
 //!    re-asking with the validation error;
-//! 4. **validate and hydrate** — `EntityKind::hydrate` parses the answer into
-//!    the entity, filling server-owned fields;
+//! 4. **validate and hydrate** — `EntityKind::hydrate` checks the answer against the schema
+//!    the model was sent, listing every violation (`validation`), parses it into the entity,
+//!    runs the entity's own rules and fills server-owned fields;
 //! 5. **store** — `store::Store::record` writes entity + job + event (outbox) in one
 //!    transaction (shared with other jobs finishing at the same moment: `batch`);
 //! 6. **acknowledge** (or dead-letter, defer, requeue: `worker::disposition` decides from
@@ -89,6 +90,8 @@
 //! - `config` — typed, layered settings; secrets redacted.
 //! - `telemetry` — logs, one span per job.
 //! - `contract` — the request and event shapes other services depend on.
+//! - `job` — what a job is, as `decode`, `llm`, `store` and `broker` share it (the record, the
+//!   call trace, the event to publish), so that they need not import each other.
 //! - `broker` — connections, topology, consumer, publisher.
 //! - `llm` — provider client, retry policy, circuit breaker, tools mode, re-ask loop.
 //! - `entities` — the registry of generated entities.
@@ -105,9 +108,8 @@
 //! - `shutdown` — signals.
 //! - `enqueue` — the `instructd enqueue` client.
 
-#![deny(unsafe_code)]
+// The workspace's lints are in its Cargo.toml; the public API is documented, item by item.
 #![warn(missing_docs)]
-#![warn(clippy::todo, clippy::dbg_macro, clippy::await_holding_lock)]
 
 #[cfg(feature = "jemalloc")]
 mod allocator;
@@ -136,6 +138,8 @@ pub mod enqueue;
 pub mod entities;
 #[doc(hidden)]
 pub mod http;
+#[doc(hidden)]
+pub mod job;
 #[doc(hidden)]
 pub mod llm;
 #[doc(hidden)]

@@ -104,8 +104,8 @@ impl Presence {
     /// cancelled, then removes the worker's row and closes the session (which frees its lock).
     pub async fn run(self, options: PgConnectOptions, every: Duration, stop: CancellationToken) {
         let worker_id = self.worker_id;
-        let mut delay = Duration::from_millis(250);
-        let max_delay = Duration::from_secs(10);
+        let reconnect = || crate::startup::backoff(Duration::from_millis(250), Duration::from_secs(10));
+        let mut delays = reconnect();
         while !stop.is_cancelled() {
             let connected = tokio::select! {
                 connected = connect(&options, every) => connected,
@@ -116,14 +116,13 @@ impl Presence {
                 Err(error) => {
                     self.report(state_of(error));
                     tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(10))) => {}
                         _ = stop.cancelled() => return,
                     }
-                    delay = (delay * 2).min(max_delay);
                     continue;
                 }
             };
-            delay = Duration::from_millis(250);
+            delays = reconnect();
             let mut locked = false;
             // The first heartbeat at once, then every `every`.
             let mut beat = tokio::time::interval(every);

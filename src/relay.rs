@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::broker::{PublishError, Publisher};
-use crate::store::{OutboxEvent, Store, outbox};
+use crate::job::OutboxEvent;
+use crate::store::{Store, outbox};
 
 /// Events younger than this are left to the worker that wrote them (it publishes right
 /// after its commit), so the normal case sends each event once.

@@ -14,9 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use backon::{BackoffBuilder, ConstantBuilder, ExponentialBuilder};
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicCancelOptions;
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 use sea_orm_migration::MigratorTraitSelf;
 use secrecy::ExposeSecret;
 use sqlx::postgres::PgConnectOptions;
@@ -33,7 +34,7 @@ use crate::llm::LlmClient;
 use crate::llm::modes::Strategies;
 use crate::metrics::Metrics;
 use crate::presence::{DbState, Presence};
-use crate::store::{Store, StoreSettings};
+use crate::store::{Store, StoreSettings, migration_lock};
 use crate::worker::Worker;
 use crate::{App, http, relay, retention, text};
 
@@ -95,38 +96,23 @@ fn presence_options(settings: &Settings) -> anyhow::Result<PgConnectOptions> {
     Ok(tune(pg, &settings.database.ca_file).application_name("instructd-presence"))
 }
 
-/// The advisory lock that serialises migrations ("instrucd" in ASCII).
-const MIGRATION_LOCK: i64 = 0x696e_7374_7275_6364;
-
-/// Applies pending migrations. Replicas that start together (a Deployment's pods, the
-/// migration Job) take turns under a Postgres advisory lock, held by a session of its own:
-/// without it they race to create the same tables and all but one fail.
-///
-/// The lock is session-level (it ends with the session, even if this process dies) and
-/// waited for by polling: a session blocked in `pg_advisory_lock` holds a snapshot, which a
-/// migration building an index `CONCURRENTLY` would wait for, while that session waits for
-/// the migration: a deadlock Postgres cannot see.
+/// Applies pending migrations, instructd's then the application's. Replicas that start
+/// together take turns under `store::migration_lock`, polled every 250 to 500 ms (jittered).
 pub async fn migrate(settings: &Settings, db: &DatabaseConnection, app: &App) -> anyhow::Result<()> {
-    let lock = connect_pool(settings, 1, false).await?;
-    let statement = |sql: &str| Statement::from_sql_and_values(DbBackend::Postgres, sql, [MIGRATION_LOCK.into()]);
+    let session = connect_pool(settings, 1, false).await?;
+    let mut polls =
+        ConstantBuilder::new().with_delay(Duration::from_millis(250)).with_jitter().without_max_times().build();
     let mut waited = false;
-    loop {
-        let row = lock
-            .query_one_raw(statement("SELECT pg_try_advisory_lock($1) AS locked"))
-            .await
-            .context("waiting for the migration lock")?;
-        if row.map(|row| row.try_get::<bool>("", "locked")).transpose()?.unwrap_or(false) {
-            break;
-        }
+    while !migration_lock::try_lock(&session).await.context("waiting for the migration lock")? {
         if !waited {
             tracing::info!("another instructd is migrating the database; waiting for it");
             waited = true;
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(polls.next().unwrap_or(Duration::from_millis(250))).await;
     }
     let migrated = app.migrator().up(db, None).await.context("applying migrations failed");
-    let _ = lock.execute_raw(statement("SELECT pg_advisory_unlock($1)")).await;
-    let _ = lock.close().await;
+    let _ = migration_lock::unlock(&session).await;
+    let _ = session.close().await;
     migrated
 }
 
@@ -244,8 +230,9 @@ async fn wait_for_database(worker: &Worker, presence: &Presence, app: &App) -> b
     if !worker.settings.database.migrate_on_start {
         return true;
     }
-    let mut delay = Duration::from_millis(500);
+    let mut delays = backoff(Duration::from_millis(500), Duration::from_secs(30));
     loop {
+        let delay = delays.next().unwrap_or(Duration::from_secs(30));
         let migrated = tokio::select! {
             migrated = migrate(&worker.settings, worker.store.db(), app) => migrated,
             _ = worker.stop.cancelled() => return false,
@@ -262,8 +249,13 @@ async fn wait_for_database(worker: &Worker, presence: &Presence, app: &App) -> b
             _ = tokio::time::sleep(delay) => {}
             _ = worker.stop.cancelled() => return false,
         }
-        delay = (delay * 2).min(Duration::from_secs(30));
     }
+}
+
+/// Delays between tries to reach a service that is down: `first`, doubling up to `max`.
+/// (Without jitter: the reconnect delays are documented as these.)
+pub(crate) fn backoff(first: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::new().with_min_delay(first).with_max_delay(max).without_max_times().build()
 }
 
 /// (Re)connects to RabbitMQ with backoff until the daemon is stopped, then drains.
@@ -271,19 +263,19 @@ async fn supervise(worker: &Arc<Worker>, health: &Health) {
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(worker.settings.worker.concurrency as usize));
     let max_delay = Duration::from_secs(worker.settings.broker.reconnect_max_delay_secs);
-    let mut delay = Duration::from_millis(500);
+    let mut delays = backoff(Duration::from_millis(500), max_delay);
     while !worker.stop.is_cancelled() {
         let session = run_session(worker, health, &tracker, &slots).await;
         health.set_broker_connected(false);
         match session {
-            Ok(()) => delay = Duration::from_millis(500),
+            Ok(()) => delays = backoff(Duration::from_millis(500), max_delay),
             Err(error) => {
+                let delay = delays.next().unwrap_or(max_delay);
                 tracing::error!(error = format!("{error:#}"), retry_in = ?delay, "broker session ended; reconnecting");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = worker.stop.cancelled() => {}
                 }
-                delay = (delay * 2).min(max_delay);
             }
         }
     }

@@ -29,12 +29,13 @@ use crate::config::Settings;
 use crate::contract::{ErrorKind, JobError};
 use crate::decode::{Job, Rejection, decode};
 use crate::entities::Registry;
+use crate::job::{CallTrace, JobRecord, OutboxEvent};
 use crate::llm::modes::Strategies;
-use crate::llm::{self, CallTrace, LlmClient, generate::Prompt};
+use crate::llm::{self, LlmClient, generate::Prompt};
 use crate::metrics::{DeferReason, Metrics};
 use crate::relay::{self, Undelivered};
 use crate::store::outcomes::reannouncement;
-use crate::store::{Claim, DbFault, JobRecord, OutboxEvent, Outcome, Store, classify};
+use crate::store::{Claim, DbFault, Outcome, Store, classify};
 use crate::text;
 
 /// Everything a job needs, shared by all jobs of the process.

@@ -6,12 +6,15 @@
 use sea_orm::entity::prelude::*;
 use serde::{Deserialize, Serialize};
 
-// No doc comment on `Model` or its fields: schemars would turn it into a `description`,
-// and the schema must equal the seed's.
+/// A hero: the `hero` row, and the `Hero` the model is sent. Its doc comments are for Rust
+/// readers (`#[instructd_macros::model]`): the schema must equal the seed's, which has no
+/// description.
+#[instructd_macros::model]
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, Deserialize, schemars::JsonSchema)]
 #[sea_orm(table_name = "hero")]
 #[schemars(rename = "Hero", transform = crate::schema::pydantic_style)]
 pub struct Model {
+    /// Server-owned: never in the schema, ignored in an answer, a new v4 UUID.
     #[sea_orm(primary_key, auto_increment = false)]
     #[serde(skip_deserializing, default = "Uuid::new_v4")]
     #[schemars(skip)]
@@ -21,6 +24,7 @@ pub struct Model {
     #[sea_orm(column_type = "Text")]
     pub secret_name: String,
     pub age: Option<i32>,
+    /// The team the hero was generated with, if any: set by the server.
     #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     #[schemars(skip)]
     pub team_id: Option<Uuid>,

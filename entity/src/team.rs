@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::hero;
 
+/// A team: the `team` row, and the `Team` the model is sent.
+#[instructd_macros::model]
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, Deserialize, schemars::JsonSchema)]
 #[sea_orm(table_name = "team")]
 #[schemars(rename = "Team", transform = crate::schema::pydantic_style)]
@@ -22,6 +24,7 @@ pub struct Model {
     pub name: String,
     #[sea_orm(column_type = "Text")]
     pub headquarters: String,
+    /// Not a column: the `hero` rows inserted with the team.
     #[sea_orm(ignore)]
     #[schemars(length(min = 1, max = 10))]
     pub heroes: Vec<hero::Model>,

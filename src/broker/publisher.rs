@@ -12,8 +12,8 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
+use crate::job::OutboxEvent;
 use crate::metrics::Metrics;
-use crate::store::OutboxEvent;
 use crate::text;
 
 /// Header that carries why a message was dead-lettered.

@@ -14,6 +14,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -52,8 +53,8 @@ struct Inner {
     state: State,
     /// Transport failures in a row while closed.
     failures: u32,
-    /// How long the next opening lasts.
-    open_for: Duration,
+    /// How long the openings last, from the next: `min_open`, doubling up to `max_open`.
+    open_periods: ExponentialBackoff,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -71,11 +72,17 @@ pub struct Ticket {
     resolved: bool,
 }
 
+/// The lengths of successive openings: `min_open`, doubling up to `max_open` (no jitter: a
+/// replica's probes are its own, one per opening).
+fn periods(min_open: Duration, max_open: Duration) -> ExponentialBackoff {
+    ExponentialBuilder::new().with_min_delay(min_open).with_max_delay(max_open).without_max_times().build()
+}
+
 impl Circuit {
     pub fn new(threshold: u32, min_open: Duration, max_open: Duration, metrics: Metrics) -> Arc<Self> {
         metrics.circuit_open(false);
         Arc::new(Self {
-            inner: Mutex::new(Inner { state: State::Closed, failures: 0, open_for: min_open }),
+            inner: Mutex::new(Inner { state: State::Closed, failures: 0, open_periods: periods(min_open, max_open) }),
             changed: Notify::new(),
             threshold: threshold.max(1),
             min_open,
@@ -138,7 +145,7 @@ impl Circuit {
         let reopened = {
             let mut inner = self.lock();
             inner.failures = 0;
-            inner.open_for = self.min_open;
+            inner.open_periods = periods(self.min_open, self.max_open);
             !matches!(std::mem::replace(&mut inner.state, State::Closed), State::Closed)
         };
         if reopened {
@@ -154,17 +161,15 @@ impl Circuit {
             let mut inner = self.lock();
             match inner.state {
                 State::Probing if probe => {
-                    let open_for = inner.open_for;
+                    let open_for = inner.open_periods.next().unwrap_or(self.max_open);
                     inner.state = State::Open { until: Instant::now() + open_for };
-                    inner.open_for = (open_for * 2).min(self.max_open);
                     Some((open_for, "the probe failed"))
                 }
                 State::Closed => {
                     inner.failures += 1;
                     if inner.failures >= self.threshold {
-                        let open_for = inner.open_for;
+                        let open_for = inner.open_periods.next().unwrap_or(self.max_open);
                         inner.state = State::Open { until: Instant::now() + open_for };
-                        inner.open_for = (open_for * 2).min(self.max_open);
                         Some((open_for, "transport failures in a row"))
                     } else {
                         None

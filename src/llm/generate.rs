@@ -4,15 +4,15 @@
 
 use std::sync::Arc;
 
-use serde_json::Value;
 use tokio::time::Instant;
 
 use super::client::{CallError, LlmClient};
 use super::modes::Strategy;
 use super::tools::{Answer, to_openai_messages};
 use crate::config::{LlmSettings, ReaskHistory};
-use crate::contract::{ChatMessage, ErrorKind, JobError, Usage};
+use crate::contract::{ChatMessage, ErrorKind, JobError};
 use crate::entities::{EntityKind, Record};
+use crate::job::CallTrace;
 
 /// What one job asks of the model.
 pub struct Prompt<'a> {
@@ -27,17 +27,6 @@ pub struct Prompt<'a> {
     pub deadline: Instant,
     /// When the delivery must be handed back if the job is still waiting on the provider.
     pub hold: Instant,
-}
-
-/// What the calls of a job cost and returned, kept on the job row whatever the outcome.
-#[derive(Debug, Default)]
-pub struct CallTrace {
-    /// Answers asked for: the first call plus re-asks.
-    pub attempts: u32,
-    /// Tokens summed over every answered call.
-    pub usage: Usage,
-    /// Every raw response, in order.
-    pub responses: Vec<Value>,
 }
 
 /// The end of the generation step: a record to store, or why the job failed.

@@ -12,4 +12,4 @@ pub mod strict;
 pub mod tools;
 
 pub use client::LlmClient;
-pub use generate::{CallTrace, Generation, generate};
+pub use generate::{Generation, generate};

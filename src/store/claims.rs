@@ -16,7 +16,8 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use super::{JobRecord, Store, StoreSettings, one_by_one, stmt};
+use super::{Store, StoreSettings, one_by_one, stmt};
+use crate::job::JobRecord;
 
 /// The result of trying to claim a job id.
 #[derive(Debug, Clone, PartialEq)]

@@ -7,12 +7,14 @@
 //! - [`presence`]: each daemon's heartbeat and session lock, which tell a live claim from an
 //!   abandoned one;
 //! - [`retention`]: pruning what is old;
+//! - [`migration_lock`]: replicas migrating one database take turns;
 //! - [`fault`]: what a database error means for the work that hit it.
 //!
 //! Concurrent jobs' claims, outcomes and "published" marks share statements ([`crate::batch`]).
 
 pub mod claims;
 pub mod fault;
+pub mod migration_lock;
 pub mod outbox;
 pub mod outcomes;
 pub mod presence;
@@ -23,33 +25,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::{DatabaseConnection, DbBackend, DbErr, Statement, Value as DbValue};
-use serde_json::Value;
-use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::batch::Batcher;
 use crate::contract::JobError;
 use crate::entities::Record;
-use crate::llm::CallTrace;
+use crate::job::{CallTrace, OutboxEvent};
 
 pub use claims::Claim;
 pub use fault::{DbFault, classify};
-pub use outbox::{OutboxEvent, mark_published_in};
+pub use outbox::mark_published_in;
 pub use outcomes::Finish;
-
-/// What the request said about itself, recorded on the job row and echoed in events.
-pub struct JobRecord<'a> {
-    pub job_id: Uuid,
-    /// The entity as the request named it.
-    pub entity: &'a str,
-    /// The routing key's entity segment (`unknown` unless the entity is registered).
-    pub routing_entity: Option<&'a str>,
-    /// The request as received (its text: a job in flight holds no parsed copy of it).
-    pub request: &'a RawValue,
-    pub metadata: &'a Value,
-    pub correlation_id: &'a str,
-    pub reply_to: Option<&'a str>,
-}
 
 /// A job's outcome, ready to record.
 pub struct Outcome<'a> {

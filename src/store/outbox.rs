@@ -8,18 +8,9 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{JobRecord, Store, stmt};
+use super::{Store, stmt};
 use crate::contract::CompletionEvent;
-
-/// An event waiting in the outbox, ready to publish.
-#[derive(Debug, Clone)]
-pub struct OutboxEvent {
-    pub event_id: Uuid,
-    pub routing_key: String,
-    pub correlation_id: String,
-    pub reply_to: Option<String>,
-    pub payload: Vec<u8>,
-}
+use crate::job::{JobRecord, OutboxEvent};
 
 impl Store {
     /// Marks an event published once the broker confirmed it; marks of concurrent jobs

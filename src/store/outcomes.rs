@@ -13,10 +13,11 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::claims::StoredEvent;
-use super::outbox::{OutboxEvent, outbox_event};
-use super::{JobRecord, Outcome, Store, one_by_one, stmt};
+use super::outbox::outbox_event;
+use super::{Outcome, Store, one_by_one, stmt};
 use crate::contract::{CompletionEvent, JobError, JobStatus, Usage};
 use crate::entities::{Record, insert_records};
+use crate::job::{JobRecord, OutboxEvent};
 use crate::text;
 
 /// A claimed job's outcome, prepared by [`Store::finish`].

@@ -46,9 +46,9 @@ fn schema_team_nests_its_heroes_and_shows_the_teams_constraints() {
 
 #[test]
 fn schema_of_an_unknown_entity_fails_and_lists_the_known_ones() {
-    let output = instructd(&["schema", "villain"], &[]);
+    let output = instructd(&["schema", "no_such_entity"], &[]);
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown entity `villain` (known: hero, team)"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown entity `no_such_entity` (known: hero, team)"));
 }
 
 #[test]

@@ -102,7 +102,7 @@ async fn every_kind_of_event_the_daemon_sends_matches_the_documented_schema() {
     let failed = app.next_event().await;
     app.publish(&json!({"job_id": Uuid::new_v4(), "entity": "hero", "messages": []})).await;
     let rejected = app.next_event().await;
-    app.publish(&request("villain", "Make a villain")).await;
+    app.publish(&request("no_such_entity", "Make something")).await;
     let unknown = app.next_event().await;
 
     let seen: Vec<&str> = [&succeeded, &failed, &rejected, &unknown].iter().map(|r| r.routing_key.as_str()).collect();

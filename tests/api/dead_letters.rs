@@ -21,9 +21,9 @@ async fn malformed_messages_are_dead_lettered_with_their_reason_and_work_goes_on
             "job.failed.unknown",
         ),
         (
-            serde_json::to_vec(&request("villain", "Make a villain")).unwrap(),
+            serde_json::to_vec(&request("no_such_entity", "Make something")).unwrap(),
             json_props(),
-            "unknown entity `villain` (known: hero, team)",
+            "unknown entity `no_such_entity` (known: hero, team)",
             "job.failed.unknown",
         ),
         (

@@ -54,7 +54,7 @@ async fn a_request_over_a_limit_or_naming_a_model_not_allowed_is_rejected_before
     }
     // Metadata over the limit is not echoed, whatever else is wrong with the request.
     let mut unknown = with("metadata", json!({"blob": "z".repeat(80)}));
-    unknown["entity"] = json!("villain");
+    unknown["entity"] = json!("no_such_entity");
     let mut crowded = with("metadata", json!({"blob": "z".repeat(80)}));
     crowded["messages"] = json!([user("a"), user("b"), user("c"), user("d")]);
     for request in [unknown, crowded] {
@@ -66,7 +66,7 @@ async fn a_request_over_a_limit_or_naming_a_model_not_allowed_is_rejected_before
     }
     // Within the limit, it is.
     let mut small = with("metadata", json!({"tag": "x"}));
-    small["entity"] = json!("villain");
+    small["entity"] = json!("no_such_entity");
     app.publish(&small).await;
     app.next_dead_letter().await;
     assert_eq!(app.next_event().await.event.metadata, json!({"tag": "x"}));
