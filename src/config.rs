@@ -159,12 +159,52 @@ pub struct LlmSettings {
     /// `max concurrent calls ÷ this` connections (a provider's server caps the streams of a
     /// connection, and the calls past the cap would wait).
     pub streams_per_connection: u32,
+    /// What each model costs (`[[llm.prices]]`); a model without a price has no cost.
+    #[serde(default)]
+    pub prices: Vec<Price>,
+    /// Dollars a job may spend in all (every call, re-asks included), checked before each
+    /// call: once spent, the job stops re-asking and fails with kind `llm`. 0: no budget.
+    pub job_cost_budget_usd: f64,
+}
+
+/// A model's price, in US dollars per million tokens, as providers list them.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// The model, as requests and `llm.model` name it.
+    pub model: String,
+    /// Prompt tokens.
+    pub input_per_million: f64,
+    /// Completion tokens.
+    pub output_per_million: f64,
+    /// Prompt tokens the provider reports as served from its cache
+    /// (`usage.prompt_tokens_details.cached_tokens`); absent: `input_per_million`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_input_per_million: Option<f64>,
+}
+
+impl Price {
+    /// What `usage` cost, in dollars, to the nano-dollar.
+    pub fn cost(&self, usage: &crate::contract::Usage) -> f64 {
+        let cached = usage.cached_tokens.min(usage.prompt_tokens);
+        let fresh = usage.prompt_tokens - cached;
+        let cached_rate = self.cached_input_per_million.unwrap_or(self.input_per_million);
+        let micro = fresh as f64 * self.input_per_million
+            + cached as f64 * cached_rate
+            + usage.completion_tokens as f64 * self.output_per_million;
+        (micro * 1e3).round() / 1e9
+    }
 }
 
 impl LlmSettings {
     /// The API key, if one is configured (an empty string means none).
     pub fn api_key(&self) -> Option<&str> {
         Some(self.api_key.expose_secret()).filter(|key| !key.is_empty())
+    }
+
+    /// `model`'s price, if it has one.
+    pub fn price(&self, model: &str) -> Option<&Price> {
+        self.prices.iter().find(|price| price.model == model)
     }
 
     /// Whether a request may name `model`.
@@ -369,6 +409,46 @@ impl Settings {
         Ok(())
     }
 
+    /// Prices are amounts, each model priced once; a dollar budget needs a price for every
+    /// model a job may use.
+    fn validate_prices(&self) -> anyhow::Result<()> {
+        let llm = &self.llm;
+        for (index, price) in llm.prices.iter().enumerate() {
+            let key = format!("llm.prices[{index}]");
+            if price.model.trim().is_empty() {
+                bail!("{key}.model: must not be empty");
+            }
+            let rates = [
+                ("input_per_million", Some(price.input_per_million)),
+                ("output_per_million", Some(price.output_per_million)),
+                ("cached_input_per_million", price.cached_input_per_million),
+            ];
+            for (name, rate) in rates {
+                if rate.is_some_and(|rate| !rate.is_finite() || rate < 0.0) {
+                    bail!("{key}.{name}: must be a number of dollars, 0 or more");
+                }
+            }
+            if llm.prices[..index].iter().any(|other| other.model == price.model) {
+                bail!("{key}.model: `{}` is priced twice", price.model);
+            }
+        }
+        let budget = llm.job_cost_budget_usd;
+        if !budget.is_finite() || budget < 0.0 {
+            bail!("llm.job_cost_budget_usd: must be a number of dollars, 0 (no budget) or more");
+        }
+        if budget > 0.0 {
+            if llm.allowed_models.iter().any(|model| model == "*") {
+                bail!("llm.job_cost_budget_usd: cannot hold when llm.allowed_models allows any model (\"*\")");
+            }
+            for model in std::iter::once(&llm.model).chain(&llm.allowed_models) {
+                if llm.price(model).is_none() {
+                    bail!("llm.job_cost_budget_usd: model `{model}` has no price in llm.prices");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Range and consistency checks that types cannot express; each error names its key.
     fn validate(&self) -> anyhow::Result<()> {
         fn ensure(ok: bool, key: &str, why: &str) -> anyhow::Result<()> {
@@ -403,6 +483,7 @@ impl Settings {
         )?;
         ensure(self.llm.max_response_bytes >= 1024, "llm.max_response_bytes", "must be at least 1024")?;
         ensure(self.llm.streams_per_connection >= 1, "llm.streams_per_connection", "must be at least 1")?;
+        self.validate_prices()?;
         ensure(
             self.llm.give_up_after_secs >= self.llm.job_timeout_secs,
             "llm.give_up_after_secs",
@@ -563,6 +644,59 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_price_or_a_dollar_budget_that_cannot_hold_stops_start_up_naming_the_key() {
+        let budget = env(&[("INSTRUCTD__LLM__JOB_COST_BUDGET_USD", "0.5")]);
+        let error = Settings::load_from(None, budget).map(|_| ()).map_err(|e| format!("{e:#}")).unwrap_err();
+        assert!(error.contains("llm.job_cost_budget_usd: model `gpt-4o-mini"), "{error}");
+        assert!(error.ends_with("` has no price in llm.prices"), "{error}");
+        let negative = env(&[("INSTRUCTD__LLM__JOB_COST_BUDGET_USD", "-1")]);
+        let error = Settings::load_from(None, negative).map(|_| ()).map_err(|e| format!("{e:#}")).unwrap_err();
+        assert!(error.contains("llm.job_cost_budget_usd: must be a number of dollars"), "{error}");
+
+        let dir = std::env::temp_dir().join(format!("instructd-prices-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("prices.toml");
+        let write = |text: &str| std::fs::write(&file, text).unwrap();
+        write("[llm]\nmodel = \"m\"\n[[llm.prices]]\nmodel = \"m\"\ninput_per_million = -1\noutput_per_million = 1\n");
+        let error = Settings::load_from(Some(&file), env(&[])).map(|_| ()).map_err(|e| format!("{e:#}")).unwrap_err();
+        assert!(error.ends_with("llm.prices[0].input_per_million: must be a number of dollars, 0 or more"), "{error}");
+        write(
+            "[llm]\nmodel = \"m\"\njob_cost_budget_usd = 0.5\n\
+             [[llm.prices]]\nmodel = \"m\"\ninput_per_million = 0.15\noutput_per_million = 0.6\n",
+        );
+        let settings = Settings::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(settings.llm.price("m").map(|price| price.output_per_million), Some(0.6));
+        write(
+            "[[llm.prices]]\nmodel = \"m\"\ninput_per_million = 1\noutput_per_million = 1\n\
+             [[llm.prices]]\nmodel = \"m\"\ninput_per_million = 2\noutput_per_million = 2\n",
+        );
+        let error = Settings::load_from(Some(&file), env(&[])).map(|_| ()).map_err(|e| format!("{e:#}")).unwrap_err();
+        assert!(error.ends_with("llm.prices[1].model: `m` is priced twice"), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_calls_cost_prices_cached_prompt_tokens_apart() {
+        let price = Price {
+            model: "m".into(),
+            input_per_million: 2.5,
+            output_per_million: 10.0,
+            cached_input_per_million: Some(1.25),
+        };
+        let usage = crate::contract::Usage {
+            prompt_tokens: 1_000,
+            completion_tokens: 500,
+            total_tokens: 1_500,
+            cached_tokens: 400,
+            cost_usd: None,
+        };
+        // 600 × 2.5 + 400 × 1.25 + 500 × 10 = 7,000 millionths.
+        assert_eq!(price.cost(&usage), 0.007);
+        let uncached = Price { cached_input_per_million: None, ..price };
+        assert_eq!(uncached.cost(&usage), 0.0075);
     }
 
     #[test]

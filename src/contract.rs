@@ -128,20 +128,36 @@ impl JobError {
     }
 }
 
-/// Tokens spent by a job, summed over every call.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+/// Tokens spent by a job, summed over every call, and what they cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize)]
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// Prompt tokens the provider served from its cache (part of `prompt_tokens`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cached_tokens: u64,
+    /// What the calls cost in US dollars, by `llm.prices`; absent for a model without a price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+}
+
+fn is_zero(count: &u64) -> bool {
+    *count == 0
 }
 
 impl std::ops::AddAssign for Usage {
+    /// Sums the counts, and the costs: a cost is known once any call's is.
     fn add_assign(&mut self, other: Self) {
         // Saturating: a provider's counts are not to be trusted with an overflow.
         self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
         self.completion_tokens = self.completion_tokens.saturating_add(other.completion_tokens);
         self.total_tokens = self.total_tokens.saturating_add(other.total_tokens);
+        self.cached_tokens = self.cached_tokens.saturating_add(other.cached_tokens);
+        self.cost_usd = match (self.cost_usd, other.cost_usd) {
+            (Some(spent), Some(more)) => Some(((spent + more) * 1e9).round() / 1e9),
+            (spent, more) => spent.or(more),
+        };
     }
 }
 

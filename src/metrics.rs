@@ -23,6 +23,7 @@ pub const DEFERRED: &str = "instructd_deliveries_deferred_total";
 pub const LLM_CALLS: &str = "instructd_llm_calls_total";
 pub const LLM_CALL_DURATION: &str = "instructd_llm_call_duration_seconds";
 pub const LLM_TOKENS: &str = "instructd_llm_tokens_total";
+pub const LLM_COST: &str = "instructd_llm_cost_microdollars_total";
 pub const LLM_CIRCUIT_OPEN: &str = "instructd_llm_circuit_open";
 pub const REASKS: &str = "instructd_reasks_total";
 pub const DEAD_LETTERS: &str = "instructd_dead_letters_total";
@@ -45,6 +46,7 @@ pub const ALL: &[&str] = &[
     LLM_CALLS,
     LLM_CALL_DURATION,
     LLM_TOKENS,
+    LLM_COST,
     LLM_CIRCUIT_OPEN,
     REASKS,
     DEAD_LETTERS,
@@ -140,6 +142,8 @@ struct Inner {
     llm_call_duration: Histogram,
     prompt_tokens: Counter,
     completion_tokens: Counter,
+    /// By model (the configured one and every priced one) and entity.
+    cost: HashMap<(String, &'static str), Counter>,
     circuit_open: Gauge,
     reasks: HashMap<&'static str, Counter>,
     dead_letters: Counter,
@@ -162,7 +166,11 @@ impl Registrar {
     }
 
     fn counter(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
-        let counter = self.0.register_counter(&Self::key(name, labels), &metadata());
+        self.counter_of(&Self::key(name, labels))
+    }
+
+    fn counter_of(&self, key: &Key) -> Counter {
+        let counter = self.0.register_counter(key, &metadata());
         counter.increment(0);
         counter
     }
@@ -199,9 +207,13 @@ fn metadata() -> Metadata<'static> {
 
 impl Metrics {
     /// A recorder for one application. Labelled series for the given entities (and
-    /// `unknown`) are created at zero, so that dashboards and `rate()` see them before the
-    /// first job.
-    pub fn new(entities: impl IntoIterator<Item = &'static str>) -> Self {
+    /// `unknown`) and models (the configured one and every priced one: a bounded set, never a
+    /// request's text) are created at zero, so that dashboards and `rate()` see them before
+    /// the first job.
+    pub fn new<'m>(
+        entities: impl IntoIterator<Item = &'static str>,
+        models: impl IntoIterator<Item = &'m str>,
+    ) -> Self {
         let recorder =
             PrometheusBuilder::new().set_buckets(BUCKETS).expect("the bucket list is not empty").build_recorder();
         let handle = recorder.handle();
@@ -221,6 +233,14 @@ impl Metrics {
             }
             reasks.insert(entity, r.counter(REASKS, &[("entity", entity)]));
         }
+        let mut cost = HashMap::new();
+        for model in models {
+            for &entity in &entities {
+                let labels = vec![Label::new("model", model.to_owned()), Label::new("entity", entity)];
+                let counter = r.counter_of(&Key::from_parts(LLM_COST, labels));
+                cost.insert((model.to_owned(), entity), counter);
+            }
+        }
         let inner = Inner {
             jobs,
             job_duration,
@@ -237,6 +257,7 @@ impl Metrics {
             llm_call_duration: r.histogram(LLM_CALL_DURATION, &[]),
             prompt_tokens: r.counter(LLM_TOKENS, &[("kind", "prompt")]),
             completion_tokens: r.counter(LLM_TOKENS, &[("kind", "completion")]),
+            cost,
             circuit_open: r.gauge(LLM_CIRCUIT_OPEN, &[]),
             reasks,
             dead_letters: r.counter(DEAD_LETTERS, &[]),
@@ -300,6 +321,14 @@ impl Metrics {
     pub fn tokens(&self, usage: &Usage) {
         self.0.prompt_tokens.increment(usage.prompt_tokens);
         self.0.completion_tokens.increment(usage.completion_tokens);
+    }
+
+    /// What a call of `model` for `entity` cost, in dollars (counted in millionths).
+    pub fn cost(&self, model: &str, entity: &str, usd: f64) {
+        // (A model outside the set, which a priced one never is, is not counted.)
+        if let Some(counter) = self.0.cost.get(&(model.to_owned(), self.entity_label(entity))) {
+            counter.increment((usd * 1e6).round() as u64);
+        }
     }
 
     pub fn circuit_open(&self, open: bool) {
@@ -369,6 +398,13 @@ fn describe(r: &Registrar) {
     r.describe(LLM_CALLS, None, "HTTP calls to the LLM provider, transport retries included, by outcome.", Counter);
     r.describe(LLM_CALL_DURATION, Some(Unit::Seconds), "Duration of one HTTP call to the LLM provider.", Histogram);
     r.describe(LLM_TOKENS, None, "Tokens reported by the provider, by kind (prompt, completion).", Counter);
+    r.describe(
+        LLM_COST,
+        None,
+        "What answered calls cost, in millionths of a US dollar (llm.prices), by model and entity; \
+         a model without a price counts nothing.",
+        Counter,
+    );
     r.describe(
         LLM_CIRCUIT_OPEN,
         None,

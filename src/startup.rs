@@ -128,7 +128,10 @@ impl Application {
         let registry = app.registry().clone();
         let strategies =
             Strategies::new(&registry, settings.llm.strict).map_err(|why| anyhow::anyhow!("llm.strict: {why}"))?;
-        let metrics = Metrics::new(registry.names());
+        let models = std::iter::once(settings.llm.model.as_str()).chain(
+            settings.llm.prices.iter().map(|price| price.model.as_str()).filter(|model| *model != settings.llm.model),
+        );
+        let metrics = Metrics::new(registry.names(), models);
         let llm = LlmClient::new(&settings.llm, settings.llm_max_concurrency(), metrics.clone())?;
         let presence = Presence::new(metrics.clone());
         let store = Store::new(

@@ -224,7 +224,7 @@ mod tests {
     use super::*;
 
     fn circuit() -> Arc<Circuit> {
-        Circuit::new(3, Duration::from_secs(1), Duration::from_secs(4), Metrics::new([]))
+        Circuit::new(3, Duration::from_secs(1), Duration::from_secs(4), Metrics::new([], []))
     }
 
     fn later(secs: u64) -> Instant {

@@ -301,7 +301,24 @@ fn parse_completion(raw: Value) -> Result<Completion, TransportError> {
     struct Body {
         choices: Vec<Choice>,
         #[serde(default)]
-        usage: Option<Usage>,
+        usage: Option<ProviderUsage>,
+    }
+    /// The provider's `usage`, cached prompt tokens nested as OpenAI reports them.
+    #[derive(Deserialize)]
+    struct ProviderUsage {
+        #[serde(default)]
+        prompt_tokens: u64,
+        #[serde(default)]
+        completion_tokens: u64,
+        #[serde(default)]
+        total_tokens: u64,
+        #[serde(default)]
+        prompt_tokens_details: Option<PromptDetails>,
+    }
+    #[derive(Deserialize)]
+    struct PromptDetails {
+        #[serde(default)]
+        cached_tokens: Option<u64>,
     }
     #[derive(Deserialize)]
     struct Choice {
@@ -318,7 +335,18 @@ fn parse_completion(raw: Value) -> Result<Completion, TransportError> {
     Ok(Completion {
         message: choice.message,
         finish_reason: choice.finish_reason,
-        usage: body.usage.map(complete_total).unwrap_or_default(),
+        usage: body
+            .usage
+            .map(|usage| {
+                complete_total(Usage {
+                    prompt_tokens: usage.prompt_tokens,
+                    completion_tokens: usage.completion_tokens,
+                    total_tokens: usage.total_tokens,
+                    cached_tokens: usage.prompt_tokens_details.and_then(|details| details.cached_tokens).unwrap_or(0),
+                    cost_usd: None,
+                })
+            })
+            .unwrap_or_default(),
         raw,
     })
 }

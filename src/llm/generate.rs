@@ -61,7 +61,21 @@ pub async fn generate(
     let mut reasks = 0;
     let mut cut_off = false;
     let mut last_failure: Option<String> = None;
+    let price = settings.price(prompt.model);
     let last_error = loop {
+        if settings.job_cost_budget_usd > 0.0 {
+            let spent = trace.usage.cost_usd.unwrap_or(0.0);
+            if spent >= settings.job_cost_budget_usd {
+                let message = format!(
+                    "the job's dollar budget is spent (${spent} of llm.job_cost_budget_usd ${}) after {} attempt(s); \
+                     last error: {}",
+                    settings.job_cost_budget_usd,
+                    trace.attempts,
+                    last_failure.as_deref().unwrap_or("none"),
+                );
+                return Ok(Generation { outcome: Err(JobError::new(ErrorKind::Llm, message)), trace });
+            }
+        }
         let max_tokens = match settings.job_token_budget {
             0 => settings.max_tokens,
             budget => {
@@ -94,8 +108,13 @@ pub async fn generate(
             Err(CallError::Unavailable { last }) => return Err(ProviderUnavailable(last)),
             Err(error) => return Ok(Generation { outcome: Err(call_failure(error)), trace }),
         };
-        trace.usage += completion.usage;
-        client.metrics().tokens(&completion.usage);
+        let mut usage = completion.usage;
+        usage.cost_usd = price.map(|price| price.cost(&usage));
+        trace.usage += usage;
+        client.metrics().tokens(&usage);
+        if let Some(cost) = usage.cost_usd {
+            client.metrics().cost(prompt.model, prompt.kind.name(), cost);
+        }
         trace.responses.push(completion.raw.clone());
         let error = if completion.finish_reason.as_deref() == Some("length") {
             if cut_off {

@@ -127,7 +127,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_burst_of_429s_halves_once_per_round_and_successes_raise_it_again() {
-        let limit = AdaptiveLimit::new(8, Metrics::new([]));
+        let limit = AdaptiveLimit::new(8, Metrics::new([], []));
         // Eight calls in flight all get a 429: one halving, not eight.
         let mut permits = Vec::new();
         for _ in 0..8 {
@@ -157,7 +157,7 @@ mod tests {
 
     #[tokio::test]
     async fn callers_over_the_limit_wait_for_a_slot() {
-        let limit = AdaptiveLimit::new(1, Metrics::new([]));
+        let limit = AdaptiveLimit::new(1, Metrics::new([], []));
         let first = limit.acquire().await;
         let waiter = tokio::spawn({
             let limit = limit.clone();

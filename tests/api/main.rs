@@ -9,6 +9,7 @@ use testkit::https_provider;
 mod batching;
 mod cli;
 mod contract_docs;
+mod cost;
 mod dead_letters;
 mod enqueue;
 mod generation;
