@@ -220,8 +220,15 @@ impl LlmSettings {
 pub struct LimitsSettings {
     /// Most messages in a request.
     pub max_messages: usize,
-    /// Largest `content` of one message, in bytes.
+    /// Largest text of one message's `content` (every text part together), in bytes.
     pub max_content_bytes: usize,
+    /// Most parts of one message's `content` when it is a list (text and images).
+    pub max_content_parts: usize,
+    /// Longest image URL, in bytes (a `data:` URL holds the image itself).
+    pub max_image_bytes: usize,
+    /// The schemes an image URL may have: `data` (the image inline) and `https` (the provider
+    /// fetches it). An image with another scheme is rejected, never forwarded.
+    pub image_url_schemes: Vec<String>,
     /// Largest `metadata`, in bytes of JSON.
     pub max_metadata_bytes: usize,
     /// Most bytes of raw provider responses kept on a job's row; later ones are replaced by a
@@ -484,6 +491,12 @@ impl Settings {
         ensure(self.llm.max_response_bytes >= 1024, "llm.max_response_bytes", "must be at least 1024")?;
         ensure(self.llm.streams_per_connection >= 1, "llm.streams_per_connection", "must be at least 1")?;
         self.validate_prices()?;
+        ensure(self.limits.max_content_parts >= 1, "limits.max_content_parts", "must be at least 1")?;
+        if let Some(scheme) =
+            self.limits.image_url_schemes.iter().find(|scheme| !matches!(scheme.as_str(), "data" | "https" | "http"))
+        {
+            bail!("limits.image_url_schemes: `{scheme}` is not one of data, https, http");
+        }
         ensure(
             self.llm.give_up_after_secs >= self.llm.job_timeout_secs,
             "llm.give_up_after_secs",

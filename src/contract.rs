@@ -48,7 +48,108 @@ impl Mode {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct ChatMessage {
     pub role: Role,
-    pub content: String,
+    pub content: Content,
+}
+
+/// A message's content: text, or a list of OpenAI content parts (text, and images in a
+/// user's message), as Instructor accepts them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+/// One part of a message's content.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    Text { text: String },
+    ImageUrl { image_url: ImageUrl },
+}
+
+/// An image: a `data:image/…;base64,…` URL, or a URL the provider fetches (which schemes are
+/// accepted is `limits.image_url_schemes`; instructd itself fetches nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageUrl {
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<ImageDetail>,
+}
+
+/// How closely the model looks at an image (OpenAI's `detail`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageDetail {
+    Auto,
+    Low,
+    High,
+}
+
+impl Content {
+    /// The bytes of its text, every text part together.
+    pub fn text_bytes(&self) -> usize {
+        match self {
+            Content::Text(text) => text.len(),
+            Content::Parts(parts) => parts
+                .iter()
+                .map(|part| match part {
+                    ContentPart::Text { text } => text.len(),
+                    ContentPart::ImageUrl { .. } => 0,
+                })
+                .sum(),
+        }
+    }
+
+    /// Its text, the text parts joined by newlines (an image is not text).
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Content::Text(text) => text.as_str().into(),
+            Content::Parts(parts) => parts
+                .iter()
+                .filter_map(|part| match part {
+                    ContentPart::Text { text } => Some(text.as_str()),
+                    ContentPart::ImageUrl { .. } => None,
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+                .into(),
+        }
+    }
+}
+
+impl From<&str> for Content {
+    fn from(text: &str) -> Self {
+        Content::Text(text.to_owned())
+    }
+}
+
+impl<'de> Deserialize<'de> for Content {
+    /// A string, or a list of parts; anything else is refused with both named.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Content;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str("a string or a list of content parts")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Content, E> {
+                Ok(Content::Text(text.to_owned()))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, text: String) -> Result<Content, E> {
+                Ok(Content::Text(text))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, parts: A) -> Result<Content, A::Error> {
+                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(parts)).map(Content::Parts)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -180,4 +281,29 @@ pub struct CompletionEvent {
 /// `unknown` otherwise (so that a hostile name cannot inject `#` or `.` into a binding).
 pub fn routing_key(status: JobStatus, entity: Option<&str>) -> String {
     format!("job.{}.{}", status.as_str(), entity.unwrap_or("unknown"))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn content_is_text_or_parts_and_says_so_when_it_is_neither() {
+        let text: ChatMessage = serde_json::from_value(json!({"role": "user", "content": "Hi"})).unwrap();
+        assert_eq!(text.content, Content::Text("Hi".into()));
+        let parts =
+            json!([{"type": "text", "text": "Look"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]);
+        let message: ChatMessage = serde_json::from_value(json!({"role": "user", "content": parts})).unwrap();
+        assert_eq!(message.content.text(), "Look");
+        assert_eq!(message.content.text_bytes(), 4);
+        // Written back as it came.
+        assert_eq!(serde_json::to_value(&message).unwrap()["content"], parts);
+        let error = serde_json::from_value::<ChatMessage>(json!({"role": "user", "content": 7})).unwrap_err();
+        assert!(error.to_string().contains("expected a string or a list of content parts"), "{error}");
+        let error =
+            serde_json::from_str::<ChatMessage>(r#"{"role": "user", "content": [{"type": "video"}]}"#).unwrap_err();
+        assert!(error.to_string().contains("unknown variant `video`"), "{error}");
+    }
 }

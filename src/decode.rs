@@ -8,8 +8,8 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use crate::config::Settings;
-use crate::contract::GenerationRequest;
+use crate::config::{LimitsSettings, Settings};
+use crate::contract::{Content, ContentPart, GenerationRequest, Role};
 use crate::entities::{EntityKind, Registry};
 use crate::job::JobRecord;
 use crate::text;
@@ -223,14 +223,17 @@ fn within_limits(request: &GenerationRequest, metadata_bytes: usize, settings: &
             limits.max_messages
         ));
     }
-    if let Some((i, message)) =
-        request.messages.iter().enumerate().find(|(_, message)| message.content.len() > limits.max_content_bytes)
-    {
-        return Err(format!(
-            "messages[{i}].content: {} bytes, over limits.max_content_bytes ({})",
-            message.content.len(),
-            limits.max_content_bytes
-        ));
+    for (i, message) in request.messages.iter().enumerate() {
+        let bytes = message.content.text_bytes();
+        if bytes > limits.max_content_bytes {
+            return Err(format!(
+                "messages[{i}].content: {bytes} bytes, over limits.max_content_bytes ({})",
+                limits.max_content_bytes
+            ));
+        }
+        if let Content::Parts(parts) = &message.content {
+            content_parts_within_limits(i, message.role, parts, limits)?;
+        }
     }
     if metadata_bytes > limits.max_metadata_bytes {
         return Err(format!(
@@ -239,6 +242,65 @@ fn within_limits(request: &GenerationRequest, metadata_bytes: usize, settings: &
         ));
     }
     Ok(())
+}
+
+/// A message's content parts against `limits.*`: how many, and each image's place, scheme
+/// and size. What is refused here never reaches the provider.
+fn content_parts_within_limits(
+    i: usize,
+    role: Role,
+    parts: &[ContentPart],
+    limits: &LimitsSettings,
+) -> Result<(), String> {
+    if parts.is_empty() {
+        return Err(format!("messages[{i}].content: an empty list of parts"));
+    }
+    if parts.len() > limits.max_content_parts {
+        return Err(format!(
+            "messages[{i}].content: {} parts, over limits.max_content_parts ({})",
+            parts.len(),
+            limits.max_content_parts
+        ));
+    }
+    for (j, part) in parts.iter().enumerate() {
+        let ContentPart::ImageUrl { image_url } = part else { continue };
+        let at = format!("messages[{i}].content[{j}]");
+        if role != Role::User {
+            return Err(format!("{at}: an image is allowed in a user's message only"));
+        }
+        let url = &image_url.url;
+        if url.len() > limits.max_image_bytes {
+            return Err(format!(
+                "{at}.image_url.url: {} bytes, over limits.max_image_bytes ({})",
+                url.len(),
+                limits.max_image_bytes
+            ));
+        }
+        let scheme = url.split_once(':').map(|(scheme, _)| scheme.to_ascii_lowercase()).unwrap_or_default();
+        if !limits.image_url_schemes.contains(&scheme) {
+            return Err(format!(
+                "{at}.image_url.url: scheme `{}` is not allowed (limits.image_url_schemes: {})",
+                text::quoted(&scheme),
+                limits.image_url_schemes.join(", ")
+            ));
+        }
+        if scheme == "data" && !is_base64_image(url) {
+            return Err(format!("{at}.image_url.url: a data URL must be data:image/<type>;base64,<data>"));
+        }
+    }
+    Ok(())
+}
+
+/// `data:image/<type>;base64,<data>`, the data in base64's alphabet.
+fn is_base64_image(url: &str) -> bool {
+    let Some((header, data)) = url.split_once(',') else { return false };
+    let Some(media) = header.get(5..).filter(|_| header[..5].eq_ignore_ascii_case("data:")) else { return false };
+    let Some(media) = media.strip_suffix(";base64") else { return false };
+    let Some(subtype) = media.strip_prefix("image/") else { return false };
+    !subtype.is_empty()
+        && subtype.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+        && !data.is_empty()
+        && data.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
 }
 
 /// Whether any string or key in `value` holds a NUL character.

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::io::{IsTerminal, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -38,6 +38,10 @@ pub struct EnqueueArgs {
     /// An optional system message, sent before the prompt.
     #[arg(long)]
     pub system: Option<String>,
+    /// An image for the model to look at, sent with --prompt as a data: URL (PNG, JPEG, GIF
+    /// or WebP, by its extension); repeat for several.
+    #[arg(long, value_name = "FILE", requires = "prompt")]
+    pub image: Vec<PathBuf>,
     /// The model; defaults to `llm.model`.
     #[arg(long)]
     pub model: Option<String>,
@@ -108,8 +112,32 @@ pub fn conversation(args: &EnqueueArgs) -> anyhow::Result<Vec<Value>> {
     if let Some(system) = &args.system {
         messages.push(json!({"role": "system", "content": system}));
     }
-    messages.push(json!({"role": "user", "content": args.prompt.as_deref().unwrap_or_default()}));
+    let prompt = args.prompt.as_deref().unwrap_or_default();
+    if args.image.is_empty() {
+        messages.push(json!({"role": "user", "content": prompt}));
+    } else {
+        let mut parts = vec![json!({"type": "text", "text": prompt})];
+        for path in &args.image {
+            parts.push(json!({"type": "image_url", "image_url": {"url": data_url(path)?}}));
+        }
+        messages.push(json!({"role": "user", "content": parts}));
+    }
     Ok(messages)
+}
+
+/// The image at `path` as a `data:image/<type>;base64,…` URL.
+fn data_url(path: &Path) -> anyhow::Result<String> {
+    use base64::Engine as _;
+    let extension = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).unwrap_or_default();
+    let media = match extension.as_str() {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        _ => bail!("--image {}: not a .png, .jpg, .jpeg, .gif or .webp file", path.display()),
+    };
+    let bytes = std::fs::read(path).with_context(|| format!("--image {}", path.display()))?;
+    Ok(format!("data:{media};base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes)))
 }
 
 /// The request body for one job, as the contract shapes it.

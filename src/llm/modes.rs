@@ -11,8 +11,9 @@ use std::collections::HashMap;
 
 use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestAssistantMessageContent, ChatCompletionRequestMessage,
-    ChatCompletionRequestSystemMessage, ChatCompletionRequestSystemMessageContent, ChatCompletionRequestUserMessage,
-    CreateChatCompletionRequest, ResponseFormat, ResponseFormatJsonSchema,
+    ChatCompletionRequestSystemMessage, ChatCompletionRequestSystemMessageContent,
+    ChatCompletionRequestSystemMessageContentPart, ChatCompletionRequestUserMessage, CreateChatCompletionRequest,
+    ResponseFormat, ResponseFormatJsonSchema,
 };
 use serde_json::Value;
 
@@ -90,9 +91,12 @@ impl Strategy {
             Some(ChatCompletionRequestMessage::System(system)) => {
                 let existing = match &system.content {
                     ChatCompletionRequestSystemMessageContent::Text(text) => text.clone(),
-                    other => {
-                        serde_json::to_value(other).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
-                    }
+                    // A system message in parts is text (`decode` allows no image there).
+                    ChatCompletionRequestSystemMessageContent::Array(parts) => parts
+                        .iter()
+                        .map(|ChatCompletionRequestSystemMessageContentPart::Text(part)| part.text.as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n"),
                 };
                 system.content =
                     ChatCompletionRequestSystemMessageContent::Text(format!("{existing}\n\n{}", spec.instruction));

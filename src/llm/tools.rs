@@ -6,14 +6,17 @@
 use async_openai::types::chat::{
     ChatCompletionMessageToolCall, ChatCompletionMessageToolCalls, ChatCompletionNamedToolChoice,
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestAssistantMessageContent, ChatCompletionRequestMessage,
-    ChatCompletionRequestSystemMessage, ChatCompletionRequestToolMessage, ChatCompletionRequestUserMessage,
-    ChatCompletionTool, ChatCompletionToolChoiceOption, ChatCompletionTools, CreateChatCompletionRequest, FunctionCall,
-    FunctionName, FunctionObject,
+    ChatCompletionRequestMessageContentPartImage, ChatCompletionRequestMessageContentPartText,
+    ChatCompletionRequestSystemMessage, ChatCompletionRequestSystemMessageContent,
+    ChatCompletionRequestSystemMessageContentPart, ChatCompletionRequestToolMessage, ChatCompletionRequestUserMessage,
+    ChatCompletionRequestUserMessageContent, ChatCompletionRequestUserMessageContentPart, ChatCompletionTool,
+    ChatCompletionToolChoiceOption, ChatCompletionTools, CreateChatCompletionRequest, FunctionCall, FunctionName,
+    FunctionObject,
 };
 use serde_json::Value;
 
 use super::client::Completion;
-use crate::contract::{ChatMessage, Role};
+use crate::contract::{ChatMessage, Content, ContentPart, ImageDetail, Role};
 
 /// The function tool for one entity.
 pub struct ToolSpec {
@@ -128,13 +131,59 @@ fn assistant(content: String, tool_calls: Option<Vec<ChatCompletionMessageToolCa
 }
 
 /// The request's messages in async-openai's types.
+///
+/// Content parts reach the provider as they came (`decode` allowed images in a user's
+/// message only); a system or assistant message's parts are text.
 pub fn to_openai_messages(messages: &[ChatMessage]) -> Vec<ChatCompletionRequestMessage> {
     messages
         .iter()
-        .map(|message| match message.role {
-            Role::System => ChatCompletionRequestSystemMessage::from(message.content.as_str()).into(),
-            Role::User => ChatCompletionRequestUserMessage::from(message.content.as_str()).into(),
-            Role::Assistant => assistant(message.content.clone(), None),
+        .map(|message| match (message.role, &message.content) {
+            (Role::System, Content::Text(text)) => ChatCompletionRequestSystemMessage::from(text.as_str()).into(),
+            (Role::System, Content::Parts(parts)) => ChatCompletionRequestSystemMessage {
+                content: ChatCompletionRequestSystemMessageContent::Array(
+                    parts
+                        .iter()
+                        .filter_map(|part| match part {
+                            ContentPart::Text { text } => {
+                                Some(ChatCompletionRequestSystemMessageContentPart::Text(text_part(text)))
+                            }
+                            ContentPart::ImageUrl { .. } => None,
+                        })
+                        .collect(),
+                ),
+                name: None,
+            }
+            .into(),
+            (Role::User, Content::Text(text)) => ChatCompletionRequestUserMessage::from(text.as_str()).into(),
+            (Role::User, Content::Parts(parts)) => ChatCompletionRequestUserMessage {
+                content: ChatCompletionRequestUserMessageContent::Array(parts.iter().map(user_part).collect()),
+                name: None,
+            }
+            .into(),
+            (Role::Assistant, content) => assistant(content.text().into_owned(), None),
         })
         .collect()
+}
+
+fn text_part(text: &str) -> ChatCompletionRequestMessageContentPartText {
+    ChatCompletionRequestMessageContentPartText { text: text.to_owned(), prompt_cache_breakpoint: None }
+}
+
+fn user_part(part: &ContentPart) -> ChatCompletionRequestUserMessageContentPart {
+    match part {
+        ContentPart::Text { text } => ChatCompletionRequestUserMessageContentPart::Text(text_part(text)),
+        ContentPart::ImageUrl { image_url } => {
+            ChatCompletionRequestUserMessageContentPart::ImageUrl(ChatCompletionRequestMessageContentPartImage {
+                image_url: async_openai::types::chat::ImageUrl {
+                    url: image_url.url.clone(),
+                    detail: image_url.detail.map(|detail| match detail {
+                        ImageDetail::Auto => async_openai::types::chat::ImageDetail::Auto,
+                        ImageDetail::Low => async_openai::types::chat::ImageDetail::Low,
+                        ImageDetail::High => async_openai::types::chat::ImageDetail::High,
+                    }),
+                },
+                prompt_cache_breakpoint: None,
+            })
+        }
+    }
 }

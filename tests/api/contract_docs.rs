@@ -54,6 +54,29 @@ fn the_documented_request_schema_accepts_exactly_what_the_daemon_accepts() {
         json!({"entity": "hero", "messages": user, "mode": null}),
         json!({"entity": "hero", "messages": user, "mode": "xml"}),
         json!(["not", "an", "object"]),
+        // Content parts: text, and images in a user's message, inline or by https.
+        json!({"entity": "hero", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Make a hero of this"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
+            {"type": "image_url", "image_url": {"url": "https://example.com/hero.png"}},
+        ]}]}),
+        json!({"entity": "hero", "messages": [{"role": "system", "content": [{"type": "text", "text": "s"}]},
+               {"role": "user", "content": [{"type": "text", "text": "u"}]}]}),
+        json!({"entity": "hero", "messages": [{"role": "user", "content": []}]}),
+        json!({"entity": "hero", "messages": [{"role": "user", "content": [{"type": "audio", "data": "x"}]}]}),
+        json!({"entity": "hero", "messages": [{"role": "user", "content": [{"type": "text"}]}]}),
+        json!({"entity": "hero", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}),
+        json!({"entity": "hero", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "ultra"}}]}]}),
+        json!({"entity": "hero", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "cache": true}}]}]}),
+        json!({"entity": "hero", "messages": [{"role": "system", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}),
+        json!({"entity": "hero", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]}),
+        json!({"entity": "hero", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:text/html;base64,PGI+"}}]}]}),
+        json!({"entity": "hero", "messages": [{"role": "user", "content": 7}]}),
     ];
     for body in bodies {
         let accepted =
@@ -73,6 +96,7 @@ fn the_documented_request_schema_accepts_exactly_what_the_daemon_accepts() {
         entity: "hero".into(),
         prompt: Some("Make a hero".into()),
         messages_file: None,
+        image: Vec::new(),
         system: Some("Be brief".into()),
         model: Some("gpt-4o-mini".into()),
         max_retries: Some(2),
@@ -85,6 +109,20 @@ fn the_documented_request_schema_accepts_exactly_what_the_daemon_accepts() {
     };
     let sent = request_body(&args, &conversation(&args).unwrap(), Uuid::new_v4());
     assert_eq!(errors(&validator, &sent), Vec::<String>::new(), "{sent}");
+    // With --image: the picture as a data: URL in a part beside the prompt.
+    let picture = std::env::temp_dir().join(format!("instructd-{}.png", Uuid::new_v4()));
+    std::fs::write(&picture, b"\x89PNG\r\n\x1a\n").unwrap();
+    let args = EnqueueArgs { image: vec![picture.clone()], ..args };
+    let sent = request_body(&args, &conversation(&args).unwrap(), Uuid::new_v4());
+    let _ = std::fs::remove_file(&picture);
+    assert_eq!(errors(&validator, &sent), Vec::<String>::new(), "{sent}");
+    let parts = &sent["messages"][1]["content"];
+    assert_eq!(parts[0], json!({"type": "text", "text": "Make a hero"}));
+    assert_eq!(parts[1]["image_url"]["url"], "data:image/png;base64,iVBORw0KGgo=");
+    assert!(
+        decode(&serde_json::to_vec(&sent).unwrap(), &BasicProperties::default(), false, registry, &settings).is_ok(),
+        "the daemon accepts it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
