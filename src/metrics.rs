@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
@@ -142,8 +143,10 @@ struct Inner {
     llm_call_duration: Histogram,
     prompt_tokens: Counter,
     completion_tokens: Counter,
-    /// By model (the configured one and every priced one) and entity.
-    cost: HashMap<(String, &'static str), Counter>,
+    /// By model (the configured one and every priced one) and entity: the counter of
+    /// millionths, and the nano-dollars counted so far (so that calls cheaper than a millionth
+    /// still add up).
+    cost: HashMap<(String, &'static str), (Counter, AtomicU64)>,
     circuit_open: Gauge,
     reasks: HashMap<&'static str, Counter>,
     dead_letters: Counter,
@@ -238,7 +241,7 @@ impl Metrics {
             for &entity in &entities {
                 let labels = vec![Label::new("model", model.to_owned()), Label::new("entity", entity)];
                 let counter = r.counter_of(&Key::from_parts(LLM_COST, labels));
-                cost.insert((model.to_owned(), entity), counter);
+                cost.insert((model.to_owned(), entity), (counter, AtomicU64::new(0)));
             }
         }
         let inner = Inner {
@@ -326,8 +329,10 @@ impl Metrics {
     /// What a call of `model` for `entity` cost, in dollars (counted in millionths).
     pub fn cost(&self, model: &str, entity: &str, usd: f64) {
         // (A model outside the set, which a priced one never is, is not counted.)
-        if let Some(counter) = self.0.cost.get(&(model.to_owned(), self.entity_label(entity))) {
-            counter.increment((usd * 1e6).round() as u64);
+        if let Some((counter, nanos)) = self.0.cost.get(&(model.to_owned(), self.entity_label(entity))) {
+            let added = (usd * 1e9).round() as u64;
+            let before = nanos.fetch_add(added, Ordering::Relaxed);
+            counter.increment((before + added) / 1_000 - before / 1_000);
         }
     }
 
@@ -439,5 +444,22 @@ pub struct InFlight(Gauge);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn costs_below_a_millionth_still_add_up() {
+        let metrics = Metrics::new(["hero"], ["m"]);
+        for _ in 0..1_000 {
+            metrics.cost("m", "hero", 0.000_000_4);
+        }
+        metrics.cost("m", "hero", 0.25);
+        let rendered = metrics.render();
+        let line = rendered.lines().find(|line| line.starts_with(&format!("{LLM_COST}{{")) && line.contains("hero"));
+        assert_eq!(line.and_then(|line| line.rsplit(' ').next()), Some("250400"), "{rendered}");
     }
 }
