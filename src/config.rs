@@ -431,8 +431,8 @@ impl Settings {
                 ("cached_input_per_million", price.cached_input_per_million),
             ];
             for (name, rate) in rates {
-                if rate.is_some_and(|rate| !rate.is_finite() || rate < 0.0) {
-                    bail!("{key}.{name}: must be a number of dollars, 0 or more");
+                if rate.is_some_and(|rate| !rate.is_finite() || !(0.0..=1e6).contains(&rate)) {
+                    bail!("{key}.{name}: must be a number of dollars from 0 to 1000000");
                 }
             }
             if llm.prices[..index].iter().any(|other| other.model == price.model) {
@@ -675,7 +675,10 @@ mod tests {
         let write = |text: &str| std::fs::write(&file, text).unwrap();
         write("[llm]\nmodel = \"m\"\n[[llm.prices]]\nmodel = \"m\"\ninput_per_million = -1\noutput_per_million = 1\n");
         let error = Settings::load_from(Some(&file), env(&[])).map(|_| ()).map_err(|e| format!("{e:#}")).unwrap_err();
-        assert!(error.ends_with("llm.prices[0].input_per_million: must be a number of dollars, 0 or more"), "{error}");
+        assert!(
+            error.ends_with("llm.prices[0].input_per_million: must be a number of dollars from 0 to 1000000"),
+            "{error}"
+        );
         write(
             "[llm]\nmodel = \"m\"\njob_cost_budget_usd = 0.5\n\
              [[llm.prices]]\nmodel = \"m\"\ninput_per_million = 0.15\noutput_per_million = 0.6\n",

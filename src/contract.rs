@@ -64,8 +64,22 @@ pub enum Content {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ContentPart {
-    Text { text: String },
-    ImageUrl { image_url: ImageUrl },
+    Text {
+        text: String,
+    },
+    ImageUrl {
+        #[serde(deserialize_with = "from_object")]
+        image_url: ImageUrl,
+    },
+}
+
+/// `T` from a JSON object only (a derived `Deserialize` would also take a list of its fields'
+/// values).
+fn from_object<'de, D: serde::Deserializer<'de>, T: serde::de::DeserializeOwned>(
+    deserializer: D,
+) -> Result<T, D::Error> {
+    let object = serde_json::Map::<String, Value>::deserialize(deserializer)?;
+    T::deserialize(Value::Object(object)).map_err(serde::de::Error::custom)
 }
 
 /// An image: a `data:image/…;base64,…` URL, or a URL the provider fetches (which schemes are
@@ -145,7 +159,19 @@ impl<'de> Deserialize<'de> for Content {
             }
 
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, parts: A) -> Result<Content, A::Error> {
-                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(parts)).map(Content::Parts)
+                // Each part from a JSON object only: serde's tagged enums would also take a list
+                // (`["text", "hi"]`), which the contract does not allow.
+                let parts: Vec<serde_json::Map<String, Value>> =
+                    Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(parts))?;
+                parts
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, part)| {
+                        serde_path_to_error::deserialize(Value::Object(part))
+                            .map_err(|error| serde::de::Error::custom(format!("[{index}].{error}")))
+                    })
+                    .collect::<Result<_, _>>()
+                    .map(Content::Parts)
             }
         }
         deserializer.deserialize_any(Visitor)

@@ -330,9 +330,12 @@ impl Metrics {
     pub fn cost(&self, model: &str, entity: &str, usd: f64) {
         // (A model outside the set, which a priced one never is, is not counted.)
         if let Some((counter, nanos)) = self.0.cost.get(&(model.to_owned(), self.entity_label(entity))) {
-            let added = (usd * 1e9).round() as u64;
-            let before = nanos.fetch_add(added, Ordering::Relaxed);
-            counter.increment((before + added) / 1_000 - before / 1_000);
+            // Saturating: a cost comes from a provider's counts, which are not to be trusted.
+            let added = (usd * 1e9).round().clamp(0.0, u64::MAX as f64) as u64;
+            let before = nanos
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |so_far| Some(so_far.saturating_add(added)))
+                .unwrap_or_else(|so_far| so_far);
+            counter.increment(before.saturating_add(added) / 1_000 - before / 1_000);
         }
     }
 
@@ -461,5 +464,8 @@ mod tests {
         let rendered = metrics.render();
         let line = rendered.lines().find(|line| line.starts_with(&format!("{LLM_COST}{{")) && line.contains("hero"));
         assert_eq!(line.and_then(|line| line.rsplit(' ').next()), Some("250400"), "{rendered}");
+        // An absurd cost (a provider's absurd counts) saturates rather than overflows.
+        metrics.cost("m", "hero", 1e30);
+        metrics.cost("m", "hero", 1e30);
     }
 }

@@ -342,7 +342,12 @@ fn parse_completion(raw: Value) -> Result<Completion, TransportError> {
                     prompt_tokens: usage.prompt_tokens,
                     completion_tokens: usage.completion_tokens,
                     total_tokens: usage.total_tokens,
-                    cached_tokens: usage.prompt_tokens_details.and_then(|details| details.cached_tokens).unwrap_or(0),
+                    // Part of the prompt's tokens, whatever the provider says.
+                    cached_tokens: usage
+                        .prompt_tokens_details
+                        .and_then(|details| details.cached_tokens)
+                        .unwrap_or(0)
+                        .min(usage.prompt_tokens),
                     cost_usd: None,
                 })
             })

@@ -77,6 +77,11 @@ fn the_documented_request_schema_accepts_exactly_what_the_daemon_accepts() {
         json!({"entity": "hero", "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:text/html;base64,PGI+"}}]}]}),
         json!({"entity": "hero", "messages": [{"role": "user", "content": 7}]}),
+        json!({"entity": "hero", "messages": [{"role": "user", "content": [["text", "hi"]]}]}),
+        json!({"entity": "hero", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": ["https://example.com/a.png", "low"]}]}]}),
+        json!({"entity": "hero", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/a\nb.png", "detail": null}}]}]}),
     ];
     for body in bodies {
         let accepted =
