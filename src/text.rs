@@ -42,7 +42,12 @@ pub fn message(text: &str) -> String {
 /// A value from a request as it may be quoted in a reason: at most [`MAX_QUOTED_CHARS`]
 /// characters, NUL replaced.
 pub fn quoted(value: &str) -> Cow<'_, str> {
-    match value.char_indices().nth(MAX_QUOTED_CHARS) {
+    quoted_within(value, MAX_QUOTED_CHARS)
+}
+
+/// `value` cut to at most `max_chars` characters (ending in `…` when cut), NUL replaced.
+pub fn quoted_within(value: &str, max_chars: usize) -> Cow<'_, str> {
+    match value.char_indices().nth(max_chars) {
         Some((end, _)) => Cow::Owned(format!("{}{ELLIPSIS}", without_nul(&value[..end]))),
         None => without_nul(value),
     }

@@ -198,10 +198,7 @@ fn type_name(kind: JsonType) -> &'static str {
 /// A value of the answer as a violation quotes it: short.
 fn got(value: &Value) -> String {
     match value {
-        Value::String(text) => match text.char_indices().nth(MAX_GOT_CHARS) {
-            Some((end, _)) => format!("\"{}…\"", text::without_nul(&text[..end])),
-            None => format!("\"{}\"", text::without_nul(text)),
-        },
+        Value::String(value) => format!("\"{}\"", text::quoted_within(value, MAX_GOT_CHARS)),
         Value::Array(list) => format!("a list of {} {}", list.len(), items(list.len() as u64)),
         Value::Object(_) => "an object".to_owned(),
         other => text::clip(&other.to_string(), MAX_GOT_CHARS).into_owned(),
