@@ -129,6 +129,11 @@ def check_policy(docs: dict, unit: str, dockerfile_path: Path) -> None:
     env = {e["name"]: e.get("value") for e in c.get("env", [])}
     check(c.get("args") == ["run"], where, "args must be [run]")
     check(env.get("INSTRUCTD__HTTP__LISTEN") == f"0.0.0.0:{port}", where, f"INSTRUCTD__HTTP__LISTEN must be 0.0.0.0:{port}")
+    # Beyond loopback the console needs the admin token, or start-up stops.
+    secret = docs.get(("Secret", "instructd"), {}).get("stringData", {})
+    check(env.get("INSTRUCTD__HTTP__CONSOLE") == "false" or "INSTRUCTD__HTTP__ADMIN_TOKEN" in secret, where,
+          "the console on 0.0.0.0 needs INSTRUCTD__HTTP__ADMIN_TOKEN in the `instructd` Secret "
+          "(or INSTRUCTD__HTTP__CONSOLE=false)")
     check(env.get("INSTRUCTD__LOG__FORMAT") == "json", where, "INSTRUCTD__LOG__FORMAT must be json")
     check({"name": "http", "containerPort": port, "protocol": "TCP"} in c.get("ports", []), where, f"port {port} must be named http")
     for probe, path in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")]:
@@ -238,6 +243,8 @@ def main() -> int:
                 if doc["kind"] == "ConfigMap":
                     name = re.sub(r"-[a-z0-9]{10}$", "", name)
                 docs[(doc["kind"], name)] = doc
+            elif doc["kind"] == "Secret":
+                docs[("Secret", name)] = doc
             print(f"  {'ok  ' if not any(e.startswith(where + ':') for e in errors) else 'FAIL'} {where}")
     # References in the base to the generated ConfigMap carry the hash too.
     for (kind, _), doc in docs.items():

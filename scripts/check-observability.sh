@@ -4,7 +4,10 @@
 #   2. docs/asyncapi.yaml (+ docs/schemas/*.json) — parsed and validated by @asyncapi/parser,
 #      the JSON Schemas compiled with Ajv (draft-07) and every example validated against them;
 #   3. deploy/grafana/instructd.json     — valid JSON, every PromQL expression parses (fed to
-#      promtool as recording rules).
+#      promtool as recording rules);
+#   4. docs/openapi.json (the console's API) — validated by @readme/openapi-parser (OpenAPI
+#      3.1, every $ref resolved). That the API answers as it says is checked against it by the
+#      Rust tests `console::*`.
 # That the dashboard and the alerts query only metrics instructd exports is checked against
 # src/metrics.rs and a real scrape by the Rust test
 # `operating::dashboards_and_alerts_query_only_exported_metrics`.
@@ -19,10 +22,12 @@ ROOT=$PWD
 ALERTS=deploy/prometheus/alerts.yml
 DASHBOARD=deploy/grafana/instructd.json
 ASYNCAPI=docs/asyncapi.yaml
+OPENAPI=docs/openapi.json
 TOOLS=$ROOT/target/npm-tools
 PARSER_VERSION=3.6.6
 AJV_VERSION=8.20.0
 AJV_FORMATS_VERSION=2.1.1
+OPENAPI_PARSER_VERSION=9.0.0
 
 
 step() { printf '\n== %s\n' "$*"; }
@@ -72,7 +77,8 @@ PACKAGE_JSON=$(cat <<EOF
   "dependencies": {
     "@asyncapi/parser": "$PARSER_VERSION",
     "ajv": "$AJV_VERSION",
-    "ajv-formats": "$AJV_FORMATS_VERSION"
+    "ajv-formats": "$AJV_FORMATS_VERSION",
+    "@readme/openapi-parser": "$OPENAPI_PARSER_VERSION"
   }
 }
 EOF
@@ -82,8 +88,10 @@ installed_version() {
 }
 if [ "$(installed_version @asyncapi/parser)" != "$PARSER_VERSION" ] ||
     [ "$(installed_version ajv)" != "$AJV_VERSION" ] ||
-    [ "$(installed_version ajv-formats)" != "$AJV_FORMATS_VERSION" ]; then
-    step "installing @asyncapi/parser@$PARSER_VERSION, ajv@$AJV_VERSION, ajv-formats@$AJV_FORMATS_VERSION into target/npm-tools"
+    [ "$(installed_version ajv-formats)" != "$AJV_FORMATS_VERSION" ] ||
+    [ "$(installed_version @readme/openapi-parser)" != "$OPENAPI_PARSER_VERSION" ]; then
+    step "installing @asyncapi/parser@$PARSER_VERSION, ajv@$AJV_VERSION, ajv-formats@$AJV_FORMATS_VERSION," \
+        "@readme/openapi-parser@$OPENAPI_PARSER_VERSION into target/npm-tools"
     mkdir -p "$TOOLS"
     printf '%s\n' "$PACKAGE_JSON" >"$TOOLS/package.json"
     (cd "$TOOLS" && npm install --no-audit --no-fund --ignore-scripts --loglevel=error)
@@ -203,5 +211,24 @@ if ! promtool check rules "$WORK/dashboard-rules.yml" >"$WORK/promtool.out" 2>&1
     exit 1
 fi
 echo "ok: promtool parses every dashboard expression ($(grep -o 'SUCCESS.*' "$WORK/promtool.out"))"
+
+# ---------------------------------------------------------------------------- 4. OpenAPI
+step "OpenAPI: $OPENAPI (@readme/openapi-parser $OPENAPI_PARSER_VERSION)"
+node - "$TOOLS" "$ROOT/$OPENAPI" <<'JS'
+const path = require('path');
+const [tools, file] = process.argv.slice(2);
+const { validate } = require(path.join(tools, 'node_modules', '@readme/openapi-parser'));
+(async () => {
+  const result = await validate(file);
+  for (const error of result.errors || []) console.log(`FAIL ${error.message}`);
+  for (const warning of result.warnings || []) console.log(`warning: ${warning.message}`);
+  if (!result.valid) process.exit(1);
+  const document = JSON.parse(require('fs').readFileSync(file, 'utf8'));
+  const operations = Object.values(document.paths).flatMap((item) => Object.keys(item));
+  console.log(`ok: OpenAPI ${document.openapi} "${document.info.title}" ${document.info.version}: ` +
+    `${Object.keys(document.paths).length} paths, ${operations.length} operations, ` +
+    `${Object.keys(document.components.schemas).length} schemas`);
+})().catch((error) => { console.error(error); process.exit(2); });
+JS
 
 printf '\nall observability checks passed\n'

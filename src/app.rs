@@ -1,6 +1,6 @@
 //! [`App`]: the entities an instructd application generates and the migrations of their
 //! tables, and the command line that runs it (`run`, `migrate`, `schema`, `enqueue`,
-//! `config`).
+//! `config`, `jobs`).
 
 use std::ffi::OsString;
 use std::marker::PhantomData;
@@ -16,6 +16,7 @@ use sea_orm_migration::{MigrationName, MigrationTrait, MigratorTrait, MigratorTr
 use crate::config::{CONFIG_FILE_ENV, Settings};
 use crate::enqueue::{self, EnqueueArgs};
 use crate::entities::Registry;
+use crate::jobs_cli::{self, JobsCommand};
 use crate::startup::{self, Application};
 use crate::{shutdown, telemetry};
 
@@ -146,6 +147,10 @@ impl App {
                 eprintln!("migrations applied");
             }
             Command::Config => print!("{}", settings.to_redacted_toml()),
+            Command::Jobs(command) => {
+                telemetry::init(&settings.log);
+                return jobs_cli::run(&settings, command).await;
+            }
             Command::Enqueue(args) => {
                 telemetry::init(&settings.log);
                 match enqueue::enqueue(&settings, *args).await {
@@ -270,6 +275,9 @@ enum Command {
     Enqueue(Box<EnqueueArgs>),
     /// Print the effective configuration, secrets redacted.
     Config,
+    /// List and show jobs: what the console shows, from the database.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
 }
 
 #[cfg(test)]
@@ -305,6 +313,7 @@ mod tests {
                 "m20261124_000003_create_event_outbox",
                 "m20261124_000004_outbox_retry_backoff",
                 "m20261130_000006_worker_presence_and_retention",
+                "m20261201_000007_job_calls",
                 "m20261124_000001_create_hero",
                 "m20261124_000005_create_team",
             ]

@@ -337,7 +337,34 @@ pub struct WorkerSettings {
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     pub listen: SocketAddr,
+    /// Serves the console (`/`) and its API (`/api/…`) beside the probes and the metrics.
+    pub console: bool,
+    /// The token the console's actions need, and every console page and API call on a
+    /// listener that is not loopback. Required there while `console` is on.
+    #[serde(serialize_with = "redact_secret")]
+    pub admin_token: SecretString,
+    pub admin_token_file: String,
 }
+
+impl HttpSettings {
+    /// Whether the console and its API may start on `listen`: a listener other than
+    /// loopback needs an admin token while the console is on. The error names the keys.
+    pub fn check_console_access(&self) -> anyhow::Result<()> {
+        if self.console && !self.listen.ip().is_loopback() && self.admin_token.expose_secret().is_empty() {
+            bail!(
+                "http.admin_token_file: not set, and http.listen ({}) is not a loopback address, so the console \
+                 and its API would be open to the network: set http.admin_token_file (or http.admin_token), or \
+                 set http.console = false to serve only /healthz, /readyz and /metrics there",
+                self.listen
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The shortest admin token accepted: it is all that stands between the network and the
+/// console's actions.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -412,7 +439,18 @@ impl Settings {
                 None => SecretSource::Unset,
             };
         }
-        self.secret_sources = vec![("broker.url", broker), ("database.url", database), ("llm.api_key", api_key)];
+        let admin_token = resolve_secret(
+            "http.admin_token",
+            &mut self.http.admin_token,
+            &self.http.admin_token_file,
+            &defaults.http.admin_token,
+        )?;
+        self.secret_sources = vec![
+            ("broker.url", broker),
+            ("database.url", database),
+            ("llm.api_key", api_key),
+            ("http.admin_token", if admin_token == SecretSource::Default { SecretSource::Unset } else { admin_token }),
+        ];
         Ok(())
     }
 
@@ -515,6 +553,12 @@ impl Settings {
             "must be more than llm.job_timeout_secs",
         )?;
         ensure(self.retention.prune_every.get().is_some(), "retention.prune_every", "must not be 0")?;
+        let token = self.http.admin_token.expose_secret();
+        ensure(
+            token.is_empty() || token.trim().chars().count() >= MIN_ADMIN_TOKEN_CHARS,
+            if self.http.admin_token_file.is_empty() { "http.admin_token" } else { "http.admin_token_file" },
+            "the token must be at least 16 characters (e.g. `openssl rand -hex 32`)",
+        )?;
         ensure(
             self.llm.default_max_retries <= self.llm.max_retries,
             "llm.default_max_retries",

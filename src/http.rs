@@ -5,7 +5,8 @@
 //! - `/readyz` — readiness: 200 only with a broker session, a database that takes writes
 //!   (the heartbeat's), a provider whose circuit is not open, and no shutdown under way; 503
 //!   otherwise, with what failed;
-//! - `/metrics` — Prometheus text format ([`crate::metrics`]).
+//! - `/metrics` — Prometheus text format ([`crate::metrics`]);
+//! - with `http.console`, the console and its API ([`crate::console`]).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -126,13 +127,22 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("http.listen: cannot listen on {addr}: {e}"))
 }
 
-/// Serves the endpoint until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Metrics, stop: CancellationToken) {
-    let app = Router::new()
+/// Serves the endpoint, and the console's routes when given, until `stop` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    health: Arc<Health>,
+    metrics: Metrics,
+    console: Option<Router>,
+    stop: CancellationToken,
+) {
+    let mut app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
         .with_state(AppState { health, metrics });
+    if let Some(console) = console {
+        app = app.merge(console);
+    }
     if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
         tracing::error!(%error, "the HTTP endpoint failed");
     }

@@ -4,11 +4,13 @@
 //! to publish; `store` makes it, `broker` and `relay` publish it). Here, so that `broker`,
 //! `decode`, `llm` and `store` need not import each other.
 
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use crate::contract::Usage;
+use crate::contract::{JobError, Usage};
 
 /// What the request said about itself, recorded on the job row and echoed in events.
 pub struct JobRecord<'a> {
@@ -33,6 +35,29 @@ pub struct CallTrace {
     pub usage: Usage,
     /// Every raw response, in order.
     pub responses: Vec<Value>,
+    /// Every call, in order: the `n`th call's answer is `responses[n]`, but for a call that
+    /// failed without one (it is then the last).
+    pub calls: Vec<Call>,
+}
+
+/// One call of a job to the model, as the job row keeps it (`generation_job.calls`) and the
+/// console shows it beside the raw answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Call {
+    pub model: String,
+    pub started_at: DateTime<Utc>,
+    /// From the request to the answer, transport retries and waits for a slot included.
+    pub duration_ms: u64,
+    /// What the provider reported the call used; absent when it answered nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+    /// What was wrong with the answer, as the re-ask told the model (`validation`), the
+    /// model's refusal (`refused`), or why the call failed (`llm`); absent for the answer
+    /// that was stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
 }
 
 /// A completion event waiting in the outbox, ready to publish.

@@ -103,7 +103,9 @@
 //! - `retention` — pruning what is old.
 //! - `text` — bounds on every text that leaves instructd.
 //! - `startup` — build and run: database wait, supervisor, consumer loop, drain.
-//! - `http` — `/healthz`, `/readyz`, `/metrics`.
+//! - `http` — `/healthz`, `/readyz`, `/metrics`, and the console's routes beside them.
+//! - `console` — the console and its JSON API: jobs, their calls and events, for operators;
+//!   who may read and who may act. `jobs_cli` is the same from the command line.
 //! - `metrics` — every exported metric, named and described in one place.
 //! - `shutdown` — signals.
 //! - `enqueue` — the `instructd enqueue` client.
@@ -129,6 +131,8 @@ pub mod broker;
 #[doc(hidden)]
 pub mod config;
 #[doc(hidden)]
+pub mod console;
+#[doc(hidden)]
 pub mod contract;
 #[doc(hidden)]
 pub mod decode;
@@ -140,6 +144,8 @@ pub mod entities;
 pub mod http;
 #[doc(hidden)]
 pub mod job;
+#[doc(hidden)]
+pub mod jobs_cli;
 #[doc(hidden)]
 pub mod llm;
 #[doc(hidden)]

@@ -29,6 +29,8 @@ use tokio_util::task::TaskTracker;
 use crate::broker::publisher::Destinations;
 use crate::broker::{Publisher, connection, consumer, topology};
 use crate::config::{Settings, redacted_url};
+use crate::console::Console;
+use crate::console::access::Access;
 use crate::http::Health;
 use crate::llm::LlmClient;
 use crate::llm::modes::Strategies;
@@ -47,6 +49,8 @@ pub struct Application {
     listener: TcpListener,
     http_addr: SocketAddr,
     metrics: Metrics,
+    /// The console's routes (`http.console`).
+    console: Option<axum::Router>,
 }
 
 /// Connects to Postgres (without logging SQL, which could carry request contents); fails if
@@ -121,6 +125,7 @@ impl Application {
     /// database pool (it connects when first used), the LLM client, the store. Fails only on
     /// what waiting cannot fix (a port in use, a schema strict mode cannot express).
     pub async fn build(settings: Settings, app: App) -> anyhow::Result<Self> {
+        settings.http.check_console_access()?;
         let listener = http::bind(settings.http.listen).await?;
         let http_addr = listener.local_addr()?;
         let db = connect_pool(&settings, settings.database.max_connections, true).await?;
@@ -146,7 +151,22 @@ impl Application {
         let worker = Worker::new(Arc::new(settings), registry, store, llm.clone(), strategies, metrics.clone());
         let health =
             Arc::new(Health::new(presence.clone(), llm, max_disconnected, worker.stop.clone(), metrics.clone()));
-        Ok(Self { app, worker: Arc::new(worker), health, presence, presence_options, listener, http_addr, metrics })
+        let http = &worker.settings.http;
+        let console = http.console.then(|| {
+            let access = Access::new(&http.admin_token, http.listen.ip().is_loopback());
+            Console::new(worker.store.db().clone(), health.clone(), access, worker.registry.names().collect()).router()
+        });
+        Ok(Self {
+            app,
+            worker: Arc::new(worker),
+            health,
+            presence,
+            presence_options,
+            listener,
+            http_addr,
+            metrics,
+            console,
+        })
     }
 
     /// Where `/healthz`, `/readyz` and `/metrics` are served (`http.listen`, with the port
@@ -165,14 +185,15 @@ impl Application {
     /// `worker.shutdown_grace_secs`, flushes the outbox and returns, a few seconds after the
     /// grace period at the latest. Outages do not end it: it waits and reconnects.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Self { app, worker, health, presence, presence_options, listener, http_addr, metrics } = self;
+        let Self { app, worker, health, presence, presence_options, listener, http_addr, metrics, console } = self;
         let stop = worker.stop.clone();
         // The endpoint and the heartbeat outlive the drain: /readyz says "draining"
         // meanwhile, and the jobs still finishing keep their claims.
         let http_stop = CancellationToken::new();
         let presence_stop = CancellationToken::new();
-        tracing::info!(%http_addr, worker_id = presence.worker_id(), "serving /healthz, /readyz and /metrics");
-        let http = tokio::spawn(http::serve(listener, health.clone(), metrics.clone(), http_stop.clone()));
+        let with_console = console.is_some();
+        tracing::info!(%http_addr, worker_id = presence.worker_id(), console = with_console, "serving /healthz, /readyz and /metrics");
+        let http = tokio::spawn(http::serve(listener, health.clone(), metrics.clone(), console, http_stop.clone()));
         tokio::spawn({
             let (stop, abort) = (stop.clone(), worker.abort.clone());
             let grace = Duration::from_secs(worker.settings.worker.shutdown_grace_secs);

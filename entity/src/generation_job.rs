@@ -28,6 +28,10 @@ pub struct Model {
     /// Every raw response of the provider, in order.
     #[sea_orm(column_type = "JsonBinary")]
     pub responses: Json,
+    /// Every call to the model, in order: model, start, duration, usage, finish reason, and
+    /// what was wrong with the answer (the `n`th call's answer is `responses[n]`).
+    #[sea_orm(column_type = "JsonBinary")]
+    pub calls: Json,
     /// Identifies the worker run that holds the claim while the job is running.
     pub claim_token: Option<Uuid>,
     /// The worker (`worker.worker_id`) holding the claim while the job is running.

@@ -13,6 +13,7 @@ mod m20261124_000003_create_event_outbox;
 mod m20261124_000004_outbox_retry_backoff;
 mod m20261124_000005_create_team;
 mod m20261130_000006_worker_presence_and_retention;
+mod m20261201_000007_job_calls;
 
 /// The migrations of instructd's own tables, in the order they apply.
 pub fn instructd() -> Vec<Box<dyn MigrationTrait>> {
@@ -21,6 +22,7 @@ pub fn instructd() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(m20261124_000003_create_event_outbox::Migration),
         Box::new(m20261124_000004_outbox_retry_backoff::Migration),
         Box::new(m20261130_000006_worker_presence_and_retention::Migration),
+        Box::new(m20261201_000007_job_calls::Migration),
     ]
 }
 

@@ -12,7 +12,7 @@ use super::tools::{Answer, to_openai_messages};
 use crate::config::{LlmSettings, ReaskHistory};
 use crate::contract::{ChatMessage, ErrorKind, JobError};
 use crate::entities::{EntityKind, Record};
-use crate::job::CallTrace;
+use crate::job::{Call, CallTrace};
 
 /// What one job asks of the model.
 pub struct Prompt<'a> {
@@ -101,12 +101,26 @@ pub async fn generate(
         trace.attempts += 1;
         tracing::Span::current().record("attempt", trace.attempts);
         let request = strategy.request(prompt.model, std::mem::take(&mut messages), max_tokens, settings.temperature);
+        let (started_at, started) = (chrono::Utc::now(), Instant::now());
         let called = client.complete(&request, prompt.deadline, prompt.hold).await;
         messages = request.messages;
+        let mut call = Call {
+            model: prompt.model.to_owned(),
+            started_at,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            usage: None,
+            finish_reason: None,
+            error: None,
+        };
         let completion = match called {
             Ok(completion) => completion,
             Err(CallError::Unavailable { last }) => return Err(ProviderUnavailable(last)),
-            Err(error) => return Ok(Generation { outcome: Err(call_failure(error)), trace }),
+            Err(error) => {
+                let failure = call_failure(error);
+                call.error = Some(failure.clone());
+                trace.calls.push(call);
+                return Ok(Generation { outcome: Err(failure), trace });
+            }
         };
         let mut usage = completion.usage;
         usage.cost_usd = price.map(|price| price.cost(&usage));
@@ -116,6 +130,16 @@ pub async fn generate(
             client.metrics().cost(prompt.model, prompt.kind.name(), cost);
         }
         trace.responses.push(completion.raw.clone());
+        call.usage = Some(usage);
+        // The provider's word, kept as text that fits the row and any page.
+        call.finish_reason = completion.finish_reason.as_deref().map(|reason| crate::text::quoted(reason).into_owned());
+        // What was wrong with this answer is filled in below, when there is something.
+        trace.calls.push(call);
+        let blame = |trace: &mut CallTrace, error: &JobError| {
+            if let Some(call) = trace.calls.last_mut() {
+                call.error = Some(error.clone());
+            }
+        };
         let error = if completion.finish_reason.as_deref() == Some("length") {
             if cut_off {
                 let message = if max_tokens < settings.max_tokens {
@@ -125,15 +149,20 @@ pub async fn generate(
                     "the answer was cut off at the token limit twice (finish_reason: length); raise llm.max_tokens \
                      or ask for less"
                 };
-                return Ok(Generation { outcome: Err(JobError::new(ErrorKind::Llm, message)), trace });
+                let failure = JobError::new(ErrorKind::Llm, message);
+                blame(&mut trace, &failure);
+                return Ok(Generation { outcome: Err(failure), trace });
             }
             cut_off = true;
             tracing::info!(attempt = trace.attempts, "answer cut off at the token limit; asking again");
+            blame(&mut trace, &JobError::new(ErrorKind::Validation, CUT_OFF_NOTE));
             CUT_OFF_NOTE.to_owned()
         } else {
             let verdict = match strategy.answer(&completion) {
                 Answer::Refused(reason) => {
-                    return Ok(Generation { outcome: Err(JobError::new(ErrorKind::Refused, reason)), trace });
+                    let failure = JobError::new(ErrorKind::Refused, reason);
+                    blame(&mut trace, &failure);
+                    return Ok(Generation { outcome: Err(failure), trace });
                 }
                 Answer::Invalid(why) => Err(why),
                 Answer::Arguments(arguments) => prompt.kind.hydrate(arguments),
@@ -142,6 +171,7 @@ pub async fn generate(
                 Ok(record) => return Ok(Generation { outcome: Ok(record), trace }),
                 Err(error) => {
                     tracing::info!(attempt = trace.attempts, error = %error, "answer failed validation");
+                    blame(&mut trace, &JobError::new(ErrorKind::Validation, error.as_str()));
                     if reasks == prompt.max_retries {
                         break error;
                     }

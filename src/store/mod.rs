@@ -7,6 +7,7 @@
 //! - [`presence`]: each daemon's heartbeat and session lock, which tell a live claim from an
 //!   abandoned one;
 //! - [`retention`]: pruning what is old;
+//! - [`jobs`]: the job ledger read for people (the console, its API, `instructd jobs`);
 //! - [`migration_lock`]: replicas migrating one database take turns;
 //! - [`fault`]: what a database error means for the work that hit it.
 //!
@@ -14,6 +15,7 @@
 
 pub mod claims;
 pub mod fault;
+pub mod jobs;
 pub mod migration_lock;
 pub mod outbox;
 pub mod outcomes;

@@ -17,7 +17,7 @@ use super::outbox::outbox_event;
 use super::{Outcome, Store, one_by_one, stmt};
 use crate::contract::{CompletionEvent, JobError, JobStatus, Usage};
 use crate::entities::{Record, insert_records};
-use crate::job::{JobRecord, OutboxEvent};
+use crate::job::{Call, JobRecord, OutboxEvent};
 use crate::text;
 
 /// A claimed job's outcome, prepared by [`Store::finish`].
@@ -41,6 +41,7 @@ struct FinishRow<'a> {
     error: Option<&'a JobError>,
     usage: Usage,
     responses: Vec<Box<RawValue>>,
+    calls: &'a [Call],
     event_id: Uuid,
     routing_key: &'a str,
     correlation_id: &'a str,
@@ -79,6 +80,7 @@ impl Store {
             error: error.as_ref(),
             usage: trace.usage,
             responses: storable_responses(&trace.responses, self.settings.max_responses_bytes),
+            calls: &trace.calls,
             event_id: event.event_id,
             routing_key: &outbox.routing_key,
             correlation_id: job.correlation_id,
@@ -221,12 +223,12 @@ async fn try_finish_batch(db: &DatabaseConnection, batch: &[Arc<Finish>]) -> Res
             "WITH batch AS (
                 SELECT * FROM jsonb_to_recordset($2::jsonb) AS b(
                     job_id uuid, token uuid, status text, attempts int, record_id uuid, error jsonb, usage jsonb,
-                    responses jsonb, event_id uuid, routing_key text, correlation_id text, reply_to text, payload jsonb)
+                    responses jsonb, calls jsonb, event_id uuid, routing_key text, correlation_id text, reply_to text, payload jsonb)
                  LIMIT $1
              ), finished AS (
                 UPDATE generation_job job
                    SET status = batch.status, attempts = batch.attempts, record_id = batch.record_id,
-                       error = batch.error, usage = batch.usage, responses = batch.responses,
+                       error = batch.error, usage = batch.usage, responses = batch.responses, calls = batch.calls,
                        event = batch.payload, event_routing_key = batch.routing_key,
                        claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL,
                        updated_at = now(), finished_at = now()

@@ -8,6 +8,7 @@ use testkit::https_provider;
 
 mod batching;
 mod cli;
+mod console;
 mod content_parts;
 mod contract_docs;
 mod cost;
