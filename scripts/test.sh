@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: brings up PostgreSQL and RabbitMQ on loopback (installing them
 # if missing), with TLS listeners beside plain TCP (certificates from a CA generated for the
-# tests), checks the observability documents (installing promtool, which a test also uses),
+# tests), installs Chromium and ChromeDriver for the console's browser test, checks the
+# observability documents (installing promtool, which a test also uses),
 # runs the unit and integration tests (the LLM faked at the HTTP level), then the
 # fault-injection suite (which restarts RabbitMQ and Postgres, so it runs alone, one test at a
 # time), then the end-to-end test against the real local model (scripts/local-llm.sh: installed
@@ -11,6 +12,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 # PostgreSQL and RabbitMQ (scripts/services.sh), plus their TLS listeners with a generated CA.
 "$ROOT/scripts/tls-services.sh"
+# Chromium and ChromeDriver for the console's browser test (tests/api/browser.rs).
+"$ROOT/scripts/browser.sh"
 "$ROOT/scripts/check-observability.sh"
 if cargo nextest --version >/dev/null 2>&1; then
   # Two threads: each integration test runs a daemon, a database and a fake LLM.

@@ -1,6 +1,6 @@
 //! [`App`]: the entities an instructd application generates and the migrations of their
 //! tables, and the command line that runs it (`run`, `migrate`, `schema`, `enqueue`,
-//! `config`, `jobs`).
+//! `config`, `jobs`, `dlq`).
 
 use std::ffi::OsString;
 use std::marker::PhantomData;
@@ -16,7 +16,7 @@ use sea_orm_migration::{MigrationName, MigrationTrait, MigratorTrait, MigratorTr
 use crate::config::{CONFIG_FILE_ENV, Settings};
 use crate::enqueue::{self, EnqueueArgs};
 use crate::entities::Registry;
-use crate::jobs_cli::{self, JobsCommand};
+use crate::jobs_cli::{self, DlqCommand, JobsCommand};
 use crate::startup::{self, Application};
 use crate::{shutdown, telemetry};
 
@@ -149,7 +149,11 @@ impl App {
             Command::Config => print!("{}", settings.to_redacted_toml()),
             Command::Jobs(command) => {
                 telemetry::init(&settings.log);
-                return jobs_cli::run(&settings, command).await;
+                return jobs_cli::run(&settings, command, self.registry.names().collect()).await;
+            }
+            Command::Dlq(command) => {
+                telemetry::init(&settings.log);
+                return jobs_cli::run_dlq(&settings, command).await;
             }
             Command::Enqueue(args) => {
                 telemetry::init(&settings.log);
@@ -275,9 +279,12 @@ enum Command {
     Enqueue(Box<EnqueueArgs>),
     /// Print the effective configuration, secrets redacted.
     Config,
-    /// List and show jobs: what the console shows, from the database.
+    /// List, show, replay and cancel jobs: what the console shows and does.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// List, replay and purge the dead-letter queue's messages.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
 }
 
 #[cfg(test)]

@@ -26,6 +26,9 @@ pub struct GenerationRequest {
     pub mode: Option<Mode>,
     #[serde(default)]
     pub metadata: Option<Value>,
+    /// The job this request runs again (set by the console's replay).
+    #[serde(default)]
+    pub replay_of: Option<Uuid>,
 }
 
 /// How the schema is sent to the model (Instructor's modes).
@@ -217,6 +220,8 @@ pub enum ErrorKind {
     Llm,
     /// A fault of instructd or its database that retrying will not fix.
     Internal,
+    /// An operator cancelled the job (the console, its API, `instructd jobs cancel`).
+    Cancelled,
 }
 
 /// The `error` object of a failed event.
@@ -227,7 +232,8 @@ pub struct JobError {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 5] = [Self::InvalidRequest, Self::Validation, Self::Refused, Self::Llm, Self::Internal];
+    pub const ALL: [ErrorKind; 6] =
+        [Self::InvalidRequest, Self::Validation, Self::Refused, Self::Llm, Self::Internal, Self::Cancelled];
 
     /// The kind as it is spelled in events.
     pub fn as_str(self) -> &'static str {
@@ -237,6 +243,7 @@ impl ErrorKind {
             Self::Refused => "refused",
             Self::Llm => "llm",
             Self::Internal => "internal",
+            Self::Cancelled => "cancelled",
         }
     }
 }

@@ -36,6 +36,7 @@ pub const LLM_CONCURRENCY_LIMIT: &str = "instructd_llm_concurrency_limit";
 pub const BROKER_CONNECTED: &str = "instructd_broker_connected";
 pub const DATABASE_WRITABLE: &str = "instructd_database_writable";
 pub const READY: &str = "instructd_ready";
+pub const CONSOLE_ACTIONS: &str = "instructd_console_actions_total";
 
 /// Every metric name, for tests that check dashboards and alerts against the export.
 pub const ALL: &[&str] = &[
@@ -59,7 +60,35 @@ pub const ALL: &[&str] = &[
     BROKER_CONNECTED,
     DATABASE_WRITABLE,
     READY,
+    CONSOLE_ACTIONS,
 ];
+
+/// What the console and `instructd jobs|dlq` may do, as `instructd_console_actions_total`
+/// labels them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// A job sent again as a new job.
+    Replay,
+    /// A job ended before it finished.
+    Cancel,
+    /// A dead letter moved back to the request queue.
+    DeadLetterReplay,
+    /// A dead letter deleted.
+    DeadLetterPurge,
+}
+
+impl Action {
+    pub const ALL: [Action; 4] = [Self::Replay, Self::Cancel, Self::DeadLetterReplay, Self::DeadLetterPurge];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Replay => "replay",
+            Self::Cancel => "cancel",
+            Self::DeadLetterReplay => "dead_letter_replay",
+            Self::DeadLetterPurge => "dead_letter_purge",
+        }
+    }
+}
 
 /// Seconds; from a fast fake model to `llm.job_timeout_secs`' default.
 const BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
@@ -158,6 +187,7 @@ struct Inner {
     broker_connected: Gauge,
     database_writable: Gauge,
     ready: Gauge,
+    console_actions: HashMap<Action, Counter>,
 }
 
 /// Registers series on one recorder.
@@ -272,6 +302,10 @@ impl Metrics {
             broker_connected: r.gauge(BROKER_CONNECTED, &[]),
             database_writable: r.gauge(DATABASE_WRITABLE, &[]),
             ready: r.gauge(READY, &[]),
+            console_actions: Action::ALL
+                .into_iter()
+                .map(|action| (action, r.counter(CONSOLE_ACTIONS, &[("action", action.as_str())])))
+                .collect(),
             handle,
         };
         Self(Arc::new(inner))
@@ -339,6 +373,11 @@ impl Metrics {
         }
     }
 
+    /// `count` things an operator did (jobs replayed, dead letters purged…).
+    pub fn console_action(&self, action: Action, count: u64) {
+        self.0.console_actions[&action].increment(count);
+    }
+
     pub fn circuit_open(&self, open: bool) {
         self.0.circuit_open.set(if open { 1.0 } else { 0.0 });
     }
@@ -392,6 +431,13 @@ impl Metrics {
 
 fn describe(r: &Registrar) {
     use Kind::*;
+    r.describe(
+        CONSOLE_ACTIONS,
+        None,
+        "What operators did through the console, its API or `instructd jobs|dlq`, by action: jobs replayed or \
+         cancelled, dead letters replayed or purged.",
+        Counter,
+    );
     r.describe(JOBS, None, "Jobs finished, by entity and outcome (succeeded or the error kind).", Counter);
     r.describe(JOB_DURATION, Some(Unit::Seconds), "Time from claiming a job to committing its outcome.", Histogram);
     r.describe(JOBS_IN_FLIGHT, None, "Deliveries being worked on now.", Gauge);

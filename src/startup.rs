@@ -154,7 +154,9 @@ impl Application {
         let http = &worker.settings.http;
         let console = http.console.then(|| {
             let access = Access::new(&http.admin_token, http.listen.ip().is_loopback());
-            Console::new(worker.store.db().clone(), health.clone(), access, worker.registry.names().collect()).router()
+            let entities = worker.registry.names().collect();
+            let db = worker.store.db().clone();
+            Console::new(db, health.clone(), access, entities, worker.settings.clone(), metrics.clone()).router()
         });
         Ok(Self {
             app,
@@ -214,6 +216,12 @@ impl Application {
             background.push(tokio::spawn(presence.clone().run(presence_options, every, presence_stop.clone())));
             // Claims name this worker: none is taken before its heartbeat is written.
             if presence.wait_until_up(&stop).await {
+                background.push(tokio::spawn(watch_cancels(
+                    worker.clone(),
+                    presence.worker_id(),
+                    every,
+                    presence_stop.clone(),
+                )));
                 background.push(tokio::spawn(retention::run(
                     worker.store.clone(),
                     worker.settings.retention.clone(),
@@ -231,6 +239,22 @@ impl Application {
         let _ = http.await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Every heartbeat, cancels the running jobs of this worker that an operator asked to cancel
+/// (`store::jobs::cancel`): each abandons its model call and ends with kind `cancelled`.
+async fn watch_cancels(worker: Arc<Worker>, worker_id: i64, every: Duration, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while tokio::select! { _ = ticks.tick() => true, _ = stop.cancelled() => false } {
+        match crate::store::jobs::cancel_requests(worker.store.db(), worker_id).await {
+            Ok(job_ids) if !job_ids.is_empty() => {
+                worker.cancel_running(&job_ids);
+            }
+            Ok(_) => {}
+            Err(error) => tracing::debug!(%error, "looking for cancelled jobs failed"),
+        }
     }
 }
 

@@ -6,7 +6,8 @@
 //! ack, dead-letter, defer, requeue — is a plain function of it ([`disposition`]), which the
 //! async code only carries out.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -56,10 +57,12 @@ pub struct Worker {
     /// (twice `worker.concurrency`): a slow broker holds jobs back rather than letting
     /// announcements pile up.
     announcing: Semaphore,
-    /// The job ids this process is running. A second delivery of one of them is busy without
-    /// asking the database; and a claim held by this worker on a job it is *not* running is
-    /// one a panicked or interrupted run left behind, which its next delivery takes back.
-    running: Mutex<HashSet<Uuid>>,
+    /// The job ids this process is running, each with the token that cancels it (an
+    /// operator's cancel, [`Worker::cancel_running`]). A second delivery of one of them is busy
+    /// without asking the database; and a claim held by this worker on a job it is *not*
+    /// running is one a panicked or interrupted run left behind, which its next delivery takes
+    /// back.
+    running: Mutex<HashMap<Uuid, CancellationToken>>,
 }
 
 /// A job's place among the `worker.concurrency` that run at once. Taken before its delivery
@@ -149,6 +152,8 @@ impl Abandon {
 struct Running<'a> {
     worker: &'a Worker,
     job_id: Uuid,
+    /// Cancelled when an operator cancels the job.
+    cancelled: CancellationToken,
 }
 
 impl Drop for Running<'_> {
@@ -179,7 +184,7 @@ impl Worker {
             stop: CancellationToken::new(),
             abort: CancellationToken::new(),
             announcing,
-            running: Mutex::new(HashSet::new()),
+            running: Mutex::new(HashMap::new()),
         }
     }
 
@@ -229,7 +234,7 @@ impl Worker {
         span.record("entity", job.kind.name());
         let message_id = job.assigned_id.then_some(job.id);
 
-        let Some(_running) = self.start_running(job.id) else {
+        let Some(running) = self.start_running(job.id) else {
             tracing::info!("this process is running the same job; deferring the duplicate");
             return Ending::Postponed { reason: DeferReason::Claimed, message_id };
         };
@@ -260,19 +265,40 @@ impl Worker {
                 if previous >= u64::from(self.settings.broker.delivery_limit) {
                     return Box::pin(self.give_up(&job, token, previous, hold)).await;
                 }
-                self.generate_and_store(&job, token, age, hold).await
+                self.generate_and_store(&job, token, age, hold, &running.cancelled).await
             }
         }
     }
 
     fn start_running(&self, job_id: Uuid) -> Option<Running<'_>> {
-        let inserted = self.running.lock().expect("the running set's lock is never poisoned").insert(job_id);
-        // (Not `then_some`: a guard built for nothing would remove the other run's id.)
-        if inserted { Some(Running { worker: self, job_id }) } else { None }
+        let mut running = self.running.lock().expect("the running set's lock is never poisoned");
+        // (A guard is built only for a new id: dropping one would remove the other run's id.)
+        match running.entry(job_id) {
+            Entry::Occupied(_) => None,
+            Entry::Vacant(vacant) => {
+                let cancelled = vacant.insert(CancellationToken::new()).clone();
+                Some(Running { worker: self, job_id, cancelled })
+            }
+        }
+    }
+
+    /// Cancels the jobs of `job_ids` this process is running (an operator asked; see
+    /// `store::jobs::cancel_requests`): each gives up its model call and ends with kind
+    /// `cancelled`. How many were running here.
+    pub fn cancel_running(&self, job_ids: &[Uuid]) -> usize {
+        let running = self.running.lock().expect("the running set's lock is never poisoned");
+        job_ids.iter().filter_map(|job_id| running.get(job_id)).map(|cancelled| cancelled.cancel()).count()
     }
 
     /// `age`: how long ago the job was first claimed (it may have been deferred since).
-    async fn generate_and_store(&self, job: &Job, token: Uuid, age: Duration, hold: Instant) -> Ending {
+    async fn generate_and_store(
+        &self,
+        job: &Job,
+        token: Uuid,
+        age: Duration,
+        hold: Instant,
+        cancelled: &CancellationToken,
+    ) -> Ending {
         let started = Instant::now();
         let message_id = job.assigned_id.then_some(job.id);
         let prompt = Prompt {
@@ -288,6 +314,15 @@ impl Worker {
             generation = llm::generate(&self.llm, &self.settings.llm, prompt) => generation,
             // The call in flight is dropped: the grace period is over.
             _ = self.abort.cancelled() => return Box::pin(self.hand_back(job.id, token, Ending::Interrupted)).await,
+            // The call in flight is dropped: an operator cancelled the job.
+            _ = cancelled.cancelled() => {
+                tracing::info!("job cancelled by an operator; its model call is abandoned");
+                let message = "cancelled by an operator while it ran; the model call in flight was abandoned";
+                Ok(llm::Generation {
+                    outcome: Err(JobError::new(ErrorKind::Cancelled, message)),
+                    trace: CallTrace::default(),
+                })
+            }
         };
         let give_up_after = Duration::from_secs(self.settings.llm.give_up_after_secs);
         let generation = match generation {

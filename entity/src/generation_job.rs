@@ -46,6 +46,8 @@ pub struct Model {
     pub event: Option<Json>,
     #[sea_orm(column_type = "Text", nullable)]
     pub event_routing_key: Option<String>,
+    /// When an operator asked to cancel the job while it ran.
+    pub cancel_requested_at: Option<DateTimeUtc>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
     pub finished_at: Option<DateTimeUtc>,

@@ -3,7 +3,9 @@
 //! - Read-only pages and API calls are open on a loopback listener; on any other listener
 //!   they need the admin token (start-up refuses such a listener without one,
 //!   [`crate::config::HttpSettings::check_console_access`]).
-//! - Every action (replay, cancel, purge) needs the token, wherever the listener is.
+//! - Every action (replay, cancel, purge) needs the token, wherever the listener is: through
+//!   the API as a bearer token; through the console's forms as a session, each form carrying
+//!   a CSRF token derived from the admin token.
 //! - The token is sent as `Authorization: Bearer <token>`, or typed once into `/login`, which
 //!   sets a session cookie (`HttpOnly`, `SameSite=Strict`) derived from the token: replicas
 //!   with one token accept each other's sessions, and a new token ends every session.
@@ -25,8 +27,11 @@ pub const SESSION_COOKIE: &str = "instructd_session";
 /// What a request may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caller {
-    /// Holds the admin token (or a session made with it): may read and act.
+    /// Sent the admin token as a bearer token: may read and act.
     Admin,
+    /// Holds a session made with the token (a browser): may read, and act through the
+    /// console's forms, which carry the CSRF token.
+    Session,
     /// Holds nothing, on a loopback listener: may read.
     Local,
 }
@@ -35,7 +40,8 @@ impl Caller {
     /// Who the caller is, as actions are logged.
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::Admin => "admin",
+            Self::Admin => "admin (bearer token)",
+            Self::Session => "admin (console session)",
             Self::Local => "local",
         }
     }
@@ -54,6 +60,9 @@ pub struct Access {
 
 /// What a session cookie holds: this, signed with the token.
 const SESSION_PURPOSE: &[u8] = b"instructd console session v1";
+
+/// What the console's forms carry against cross-site requests: this, signed with the token.
+const CSRF_PURPOSE: &[u8] = b"instructd console form v1";
 
 impl Access {
     /// `token`: the admin token, empty for none; `loopback`: whether the listener is
@@ -102,7 +111,7 @@ impl Access {
             return Some(Caller::Admin);
         }
         if session_cookie(headers).is_some_and(|value| self.is_session(value)) {
-            return Some(Caller::Admin);
+            return Some(Caller::Session);
         }
         self.open_reads.then_some(Caller::Local)
     }
@@ -110,6 +119,26 @@ impl Access {
     /// Whether a token is configured (actions are possible at all).
     pub fn has_token(&self) -> bool {
         self.token_tag.is_some()
+    }
+
+    /// The token a console form carries for a signed-in caller; `None` without a token.
+    pub fn csrf_token(&self) -> Option<String> {
+        let key = self.token_key.as_ref()?;
+        Some(hex(hmac::sign(key, CSRF_PURPOSE).as_ref()))
+    }
+
+    /// Whether a form posted by `caller` with `csrf` may act: a bearer caller always, a
+    /// session only with the form's CSRF token (a cross-site post carries the cookie, not
+    /// the token), nobody else.
+    pub fn may_act(&self, caller: Caller, csrf: &str) -> bool {
+        match caller {
+            Caller::Admin => true,
+            Caller::Session => {
+                let (Some(key), Some(tag)) = (self.token_key.as_ref(), unhex(csrf)) else { return false };
+                hmac::verify(key, CSRF_PURPOSE, &tag).is_ok()
+            }
+            Caller::Local => false,
+        }
     }
 }
 
@@ -148,6 +177,18 @@ pub async fn require_reader(State(console): State<Console>, mut request: Request
     }
 }
 
+/// Lets an API action through only with the admin token as a bearer token (a browser's
+/// session acts through the console's forms instead, which carry the CSRF token).
+pub async fn require_admin(State(console): State<Console>, mut request: Request, next: Next) -> Response {
+    match console.access.caller(request.headers()) {
+        Some(Caller::Admin) => {
+            request.extensions_mut().insert(Caller::Admin);
+            next.run(request).await
+        }
+        _ => unauthorized(),
+    }
+}
+
 /// The API's answer to a caller without the token.
 pub fn unauthorized() -> Response {
     let body = serde_json::json!({
@@ -179,7 +220,7 @@ mod tests {
         assert_eq!(access.caller(&headers(&[(header::AUTHORIZATION, &bearer)])), Some(Caller::Admin));
         let session = access.session_value().unwrap();
         let cookie = format!("theme=dark; {SESSION_COOKIE}={session}");
-        assert_eq!(access.caller(&headers(&[(header::COOKIE, &cookie)])), Some(Caller::Admin));
+        assert_eq!(access.caller(&headers(&[(header::COOKIE, &cookie)])), Some(Caller::Session));
         for wrong in [
             (header::AUTHORIZATION, "Bearer 0123456789abcdef-tokeN".to_owned()),
             (header::AUTHORIZATION, format!("Basic {TOKEN}")),
@@ -193,12 +234,25 @@ mod tests {
     }
 
     #[test]
+    fn a_session_acts_only_with_the_forms_csrf_token() {
+        let access = Access::new(&SecretString::from(TOKEN), true);
+        let csrf = access.csrf_token().unwrap();
+        assert_ne!(Some(csrf.clone()), access.session_value(), "the form's token is not the cookie's");
+        assert!(access.may_act(Caller::Session, &csrf));
+        assert!(!access.may_act(Caller::Session, ""));
+        assert!(!access.may_act(Caller::Session, &access.session_value().unwrap()));
+        assert!(access.may_act(Caller::Admin, ""));
+        assert!(!access.may_act(Caller::Local, &csrf), "on loopback too, acting needs the token");
+    }
+
+    #[test]
     fn a_loopback_listener_lets_anyone_read_and_no_token_makes_no_admin() {
         let access = Access::new(&SecretString::from(""), true);
         assert_eq!(access.caller(&HeaderMap::new()), Some(Caller::Local));
         assert!(!access.has_token());
         assert!(!access.is_token(""));
         assert_eq!(access.session_value(), None);
+        assert_eq!(access.csrf_token(), None);
         assert_eq!(access.caller(&headers(&[(header::AUTHORIZATION, "Bearer ")])), Some(Caller::Local));
     }
 
@@ -210,6 +264,6 @@ mod tests {
         assert_eq!(second.caller(&headers(&[(header::COOKIE, &cookie)])), None);
         // Replicas with the same token accept each other's sessions.
         let replica = Access::new(&SecretString::from(TOKEN), false);
-        assert_eq!(replica.caller(&headers(&[(header::COOKIE, &cookie)])), Some(Caller::Admin));
+        assert_eq!(replica.caller(&headers(&[(header::COOKIE, &cookie)])), Some(Caller::Session));
     }
 }

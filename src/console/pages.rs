@@ -6,7 +6,7 @@
 //! escapes it: nothing from a job is ever written as markup. No script runs on any page.
 
 use axum::Form;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use chrono::{DateTime, TimeDelta, Utc};
@@ -15,8 +15,10 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::Console;
-use super::access::SESSION_COOKIE;
-use super::api::{ApiError, Params, job_id, pairs};
+use super::access::{Caller, SESSION_COOKIE};
+use super::actions::{Overrides, Who};
+use super::api::{ApiError, Params, Selection, job_id, pairs};
+use super::broker::Which;
 use crate::contract::ErrorKind;
 use crate::store::jobs::{self, CallView, JobCounts, JobDetail, JobFilter, JobSummary, ListQuery, STATUSES};
 use crate::store::outbox;
@@ -34,7 +36,7 @@ color:#1d3f8a}.error{background:#fff4f4;border:1px solid #f0c4c4;padding:.6em}.o
 solid #c4e8cf;padding:.6em}.attempt{display:grid;grid-template-columns:1fr 1fr;gap:.8em}.box{background:#fff;
 border:1px solid #dfe3ea;padding:.7em;margin:.5em 0}form.filters{display:flex;flex-wrap:wrap;gap:.6em;margin:.6em 0}
 .muted{color:#6b7487}dl{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em}dt{font-weight:600}dd{margin:0}
-.role{font-weight:600;text-transform:uppercase;font-size:11px;color:#6b7487}";
+.role{font-weight:600;text-transform:uppercase;font-size:11px;color:#6b7487}form.inline{display:inline}";
 
 /// A whole page around `body`.
 fn layout(title: &str, body: Markup) -> Markup {
@@ -52,6 +54,7 @@ fn layout(title: &str, body: Markup) -> Markup {
                     a href="/" { "instructd" }
                     a href="/jobs" { "Jobs" }
                     a href="/jobs?status=failed" { "Failed" }
+                    a href="/dead-letters" { "Dead letters" }
                     a href="/api/jobs" { "API" }
                 }
                 main { (body) }
@@ -81,6 +84,39 @@ fn problem(error: ApiError) -> Response {
         tracing::warn!(%error, "a console query failed");
     }
     page(status, "Error", html! { h1 { "Error" } p.error { (error.message()) } })
+}
+
+/// The hidden field every action's form carries: the CSRF token, for a caller who may act.
+fn csrf_field(csrf: &str) -> Markup {
+    html! { input type="hidden" name="csrf" value=(csrf); }
+}
+
+/// What a caller who may not act sees instead of an action's button.
+fn sign_in_to_act(console: &Console) -> Markup {
+    html! {
+        @if console.access.has_token() {
+            p.muted { a href="/login" { "Sign in" } " with the admin token to act." }
+        } @else {
+            p.muted { "Actions need an admin token (http.admin_token_file)." }
+        }
+    }
+}
+
+/// The CSRF token for a caller who may act through forms, else `None`.
+fn form_token(console: &Console, caller: Caller) -> Option<String> {
+    match caller {
+        Caller::Admin | Caller::Session => console.access.csrf_token(),
+        Caller::Local => None,
+    }
+}
+
+/// The refusal of a form posted without the right to act.
+fn forbidden() -> Response {
+    let body = html! {
+        h1 { "Not allowed" }
+        p.error { "This needs the admin token: " a href="/login" { "sign in" } ", then use the form again." }
+    };
+    page(StatusCode::FORBIDDEN, "Not allowed", body)
 }
 
 fn time(at: &DateTime<Utc>) -> String {
@@ -131,6 +167,11 @@ pub async fn overview(State(console): State<Console>) -> Response {
         }
     };
     let readiness = console.health.readiness();
+    // The broker may be down while the database answers: the overview still shows the rest.
+    let dead_letters = match console.actions.dead_letter_count().await {
+        Ok(count) => html! { a href="/dead-letters" { (count) " in the dead-letter queue" } },
+        Err(error) => html! { span.muted { "unknown: " (error.to_string()) } },
+    };
     let body = html! {
         h1 { "Overview" }
         dl {
@@ -139,6 +180,7 @@ pub async fn overview(State(console): State<Console>) -> Response {
             dt { "Database" } dd { (readiness.database.describe()) }
             dt { "Provider circuit" } dd { (readiness.llm.as_str()) }
             dt { "Events waiting" } dd { (pending) " in the outbox" }
+            dt { "Dead letters" } dd #dead-letter-count { (dead_letters) }
             @if readiness.draining { dt { "Draining" } dd { "shutting down: taking no new jobs" } }
         }
         h2 { "Last hour" }
@@ -152,7 +194,11 @@ pub async fn overview(State(console): State<Console>) -> Response {
 }
 
 /// `/jobs`: the jobs list, with the API's filters and pages.
-pub async fn jobs(State(console): State<Console>, Query(params): Params) -> Response {
+pub async fn jobs(
+    State(console): State<Console>,
+    Extension(caller): Extension<Caller>,
+    Query(params): Params,
+) -> Response {
     let query = match ListQuery::parse(pairs(&params), Utc::now()) {
         Ok(query) => query,
         Err(bad) => return problem(bad.into()),
@@ -177,6 +223,13 @@ pub async fn jobs(State(console): State<Console>, Query(params): Params) -> Resp
         format!("/jobs?{}", link.append_pair("after", after).finish())
     });
     let filter = &query.filter;
+    let replay_all = {
+        let mut link = url::form_urlencoded::Serializer::new(String::new());
+        for (name, value) in filter.params() {
+            link.append_pair(name, &value);
+        }
+        format!("/jobs/replay?{}", link.finish())
+    };
     let body = html! {
         h1 { "Jobs" }
         form.filters method="get" action="/jobs" {
@@ -212,6 +265,18 @@ pub async fn jobs(State(console): State<Console>, Query(params): Params) -> Resp
         }
         (jobs_table(&page_of_jobs.jobs))
         @if let Some(next) = next { p { a href=(next) { "Older →" } } }
+        h2 { "Replay" }
+        @if let Some(csrf) = form_token(&console, caller) {
+            form #replay-matching method="post" action=(replay_all) {
+                (csrf_field(&csrf))
+                "Send every finished job of this filter again, as new jobs (newest first, at most "
+                input type="number" name="limit" min="1" max=(super::actions::MAX_BULK) value=(counts.total.clamp(1, i64::from(super::actions::MAX_BULK)));
+                "): "
+                button type="submit" { "Replay matching jobs" }
+            }
+        } @else {
+            (sign_in_to_act(&console))
+        }
     };
     page(StatusCode::OK, "Jobs", body)
 }
@@ -242,19 +307,55 @@ fn jobs_table(list: &[JobSummary]) -> Markup {
 }
 
 /// `/jobs/{job_id}`: everything recorded of one job.
-pub async fn job(State(console): State<Console>, Path(id): Path<String>) -> Response {
+pub async fn job(
+    State(console): State<Console>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
     let job_id = match job_id(&id) {
         Ok(job_id) => job_id,
         Err(error) => return problem(error),
     };
     match jobs::get(&console.db, job_id).await {
-        Ok(Some(job)) => page(StatusCode::OK, &format!("Job {job_id}"), job_page(&job)),
+        Ok(Some(job)) => {
+            let actions = job_actions(&console, caller, &job);
+            page(StatusCode::OK, &format!("Job {job_id}"), job_page(&job, actions))
+        }
         Ok(None) => problem(ApiError::NotFound(format!("no job {job_id}"))),
         Err(error) => problem(error.into()),
     }
 }
 
-fn job_page(job: &JobDetail) -> Markup {
+/// The job's buttons: cancel (a running job) or replay (a finished one), for a caller who
+/// may act.
+fn job_actions(console: &Console, caller: Caller, job: &JobDetail) -> Markup {
+    let job_id = job.summary.job_id;
+    html! {
+        h2 { "Actions" }
+        @if let Some(csrf) = form_token(console, caller) {
+            @if job.summary.status == "running" {
+                form #cancel method="post" action={ "/jobs/" (job_id) "/cancel" } {
+                    (csrf_field(&csrf))
+                    button type="submit" { "Cancel the job" }
+                }
+            } @else {
+                form #replay method="post" action={ "/jobs/" (job_id) "/replay" } {
+                    (csrf_field(&csrf))
+                    label { "Model " input type="text" name="model" size="16" placeholder="as before"; }
+                    " "
+                    label { "Re-asks " input type="number" name="max_retries" min="0" size="3" placeholder="as before"; }
+                    " "
+                    button type="submit" { "Replay as a new job" }
+                }
+            }
+        } @else {
+            (sign_in_to_act(console))
+        }
+    }
+}
+
+/// The job's page, `actions` (its buttons) under its summary.
+fn job_page(job: &JobDetail, actions: Markup) -> Markup {
     let summary = &job.summary;
     let usage = summary.usage.as_ref();
     let record = job.event.as_ref().and_then(|event| event.get("record")).filter(|record| !record.is_null());
@@ -274,6 +375,17 @@ fn job_page(job: &JobDetail) -> Markup {
                 }
                 @if let Some(cost) = usage.get("cost_usd") { dt { "Cost" } dd { "$" (cost) } }
             }
+            @if let Some(original) = summary.replay_of {
+                dt { "Replays" } dd { a href={ "/jobs/" (original) } { code { (original) } } }
+            }
+            @if !job.replays.is_empty() {
+                dt { "Replayed as" } dd {
+                    @for replay in &job.replays {
+                        a href={ "/jobs/" (replay.job_id) } { code { (replay.job_id) } } " " (badge(&replay.status)) br;
+                    }
+                }
+            }
+            @if let Some(at) = &job.cancel_requested_at { dt { "Cancel asked" } dd { (time(at)) } }
             @if job.takeovers > 0 { dt { "Taken over" } dd { (job.takeovers) " time(s)" } }
             @if let Some(worker) = job.claimed_by { dt { "Held by worker" } dd { (worker) } }
         }
@@ -283,6 +395,7 @@ fn job_page(job: &JobDetail) -> Markup {
                 (error["message"].as_str().unwrap_or(""))
             }
         }
+        (actions)
         h2 { "Conversation" }
         (conversation(&job.request))
         h2 { "Attempts" }
@@ -482,5 +595,202 @@ mod tests {
         .into_string();
         assert!(!markup.contains("<img"), "{markup}");
         assert!(markup.contains("&lt;img src=x onerror=alert(1)&gt;"), "{markup}");
+    }
+}
+
+/// A form's fields: the CSRF token, and whatever else it has.
+#[derive(Debug, Deserialize)]
+pub struct ActionForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    max_retries: String,
+    #[serde(default)]
+    limit: String,
+    /// A dead letter's id, or empty for all (with `all`).
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    all: String,
+}
+
+impl ActionForm {
+    fn overrides(&self) -> Result<Overrides, ApiError> {
+        let model = Some(self.model.trim()).filter(|model| !model.is_empty()).map(str::to_owned);
+        let max_retries = match self.max_retries.trim() {
+            "" => None,
+            text => Some(text.parse().map_err(|_| {
+                ApiError::BadRequest(crate::store::jobs::BadFilter::new("max_retries", "not a whole number"))
+            })?),
+        };
+        Ok(Overrides { model, max_retries, mode: None })
+    }
+
+    fn which(&self) -> Result<Which, ApiError> {
+        let selection = Selection {
+            ids: Some(self.id.trim()).filter(|id| !id.is_empty()).map(str::to_owned).into_iter().collect(),
+            all: !self.all.is_empty(),
+        };
+        Ok(selection.which()?)
+    }
+}
+
+/// `POST /jobs/{job_id}/replay`: the job sent again; then its new page.
+pub async fn replay_job(
+    State(console): State<Console>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    if !console.access.may_act(caller, &form.csrf) {
+        return forbidden();
+    }
+    let replayed = async {
+        let overrides = form.overrides()?;
+        Ok::<_, ApiError>(console.actions.replay(job_id(&id)?, &overrides, Who(caller.as_str())).await?)
+    };
+    match replayed.await {
+        Ok(replayed) => Redirect::to(&format!("/jobs/{}", replayed.job_id)).into_response(),
+        Err(error) => problem(error),
+    }
+}
+
+/// `POST /jobs/{job_id}/cancel`: the job cancelled; then its page again.
+pub async fn cancel_job(
+    State(console): State<Console>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    if !console.access.may_act(caller, &form.csrf) {
+        return forbidden();
+    }
+    let cancelled = async {
+        let job_id = job_id(&id)?;
+        console.actions.cancel(job_id, Who(caller.as_str())).await?;
+        Ok::<_, ApiError>(job_id)
+    };
+    match cancelled.await {
+        Ok(job_id) => Redirect::to(&format!("/jobs/{job_id}")).into_response(),
+        Err(error) => problem(error),
+    }
+}
+
+/// `POST /jobs/replay?<filter>`: every finished job of the filter sent again.
+pub async fn replay_jobs(
+    State(console): State<Console>,
+    Extension(caller): Extension<Caller>,
+    Query(params): Params,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    if !console.access.may_act(caller, &form.csrf) {
+        return forbidden();
+    }
+    let replayed = async {
+        let filter = JobFilter::parse(pairs(&params), Utc::now())?;
+        let limit = form.limit.trim().parse().unwrap_or(0);
+        let overrides = form.overrides()?;
+        Ok::<_, ApiError>(console.actions.replay_matching(&filter, limit, &overrides, Who(caller.as_str())).await?)
+    };
+    match replayed.await {
+        Ok(replayed) => {
+            let body = html! {
+                h1 { "Replayed " (replayed.len()) " job(s)" }
+                table #replayed {
+                    tr { th { "new job" } th { "replays" } }
+                    @for job in &replayed {
+                        tr {
+                            td { a href={ "/jobs/" (job.job_id) } { code { (job.job_id) } } }
+                            td { a href={ "/jobs/" (job.replay_of) } { code { (job.replay_of) } } }
+                        }
+                    }
+                }
+            };
+            page(StatusCode::OK, "Replayed", body)
+        }
+        Err(error) => problem(error),
+    }
+}
+
+/// `/dead-letters`: the messages in the dead-letter queue, why each is there, and the
+/// buttons to move them back or delete them.
+pub async fn dead_letters(State(console): State<Console>, Extension(caller): Extension<Caller>) -> Response {
+    let listed = match console.actions.dead_letters(jobs::DEFAULT_PAGE).await {
+        Ok(listed) => listed,
+        Err(error) => return problem(error.into()),
+    };
+    let csrf = form_token(&console, caller);
+    let button = |action: &str, id: &str, label: &str, csrf: &str| {
+        html! {
+            form.inline method="post" action={ "/dead-letters/" (action) } {
+                (csrf_field(csrf))
+                @if id.is_empty() { input type="hidden" name="all" value="1"; } @else { input type="hidden" name="id" value=(id); }
+                button type="submit" { (label) }
+            }
+        }
+    };
+    let body = html! {
+        h1 { "Dead letters" }
+        p { (listed.total) " message(s) in the dead-letter queue"
+            @if listed.total as usize > listed.dead_letters.len() { " (the first " (listed.dead_letters.len()) " shown)" } "." }
+        @if let Some(csrf) = &csrf {
+            @if listed.total > 0 {
+                div { (button("replay", "", "Replay all", csrf)) " " (button("purge", "", "Purge all", csrf)) }
+            }
+        } @else {
+            (sign_in_to_act(&console))
+        }
+        table #dead-letters {
+            tr { th { "id" } th { "job" } th { "reason" } th { "size" } th { "first bytes" } @if csrf.is_some() { th { "" } } }
+            @for letter in &listed.dead_letters {
+                tr {
+                    td { code { (letter.id) } }
+                    td { @if let Some(job_id) = letter.job_id { a href={ "/jobs/" (job_id) } { code { (job_id) } } } }
+                    td { (letter.reason) }
+                    td { (letter.size) }
+                    td { pre { (letter.first_bytes) } }
+                    @if let Some(csrf) = &csrf {
+                        td { (button("replay", &letter.id, "Replay", csrf)) " " (button("purge", &letter.id, "Purge", csrf)) }
+                    }
+                }
+            }
+        }
+    };
+    page(StatusCode::OK, "Dead letters", body)
+}
+
+/// `POST /dead-letters/replay`: one dead letter (`id`) or all (`all`) moved back.
+pub async fn replay_dead_letters(
+    State(console): State<Console>,
+    Extension(caller): Extension<Caller>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    if !console.access.may_act(caller, &form.csrf) {
+        return forbidden();
+    }
+    let moved =
+        async { Ok::<_, ApiError>(console.actions.replay_dead_letters(&form.which()?, Who(caller.as_str())).await?) };
+    match moved.await {
+        Ok(_) => Redirect::to("/dead-letters").into_response(),
+        Err(error) => problem(error),
+    }
+}
+
+/// `POST /dead-letters/purge`: one dead letter (`id`) or all (`all`) deleted.
+pub async fn purge_dead_letters(
+    State(console): State<Console>,
+    Extension(caller): Extension<Caller>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    if !console.access.may_act(caller, &form.csrf) {
+        return forbidden();
+    }
+    let purged =
+        async { Ok::<_, ApiError>(console.actions.purge_dead_letters(&form.which()?, Who(caller.as_str())).await?) };
+    match purged.await {
+        Ok(_) => Redirect::to("/dead-letters").into_response(),
+        Err(error) => problem(error),
     }
 }

@@ -7,13 +7,15 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DbErr, QueryResult, Value as DbValue};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult, TransactionTrait, Value as DbValue};
 use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::outbox::outbox_event;
 use super::stmt;
-use crate::contract::ErrorKind;
+use crate::contract::{CompletionEvent, ErrorKind, JobError, JobStatus};
+use crate::job::JobRecord;
 
 /// The most jobs one page lists.
 pub const MAX_PAGE: u32 = 200;
@@ -279,6 +281,8 @@ pub struct JobSummary {
     pub error: Option<Value>,
     pub record_id: Option<Uuid>,
     pub usage: Option<Value>,
+    /// The job this one replays.
+    pub replay_of: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
 }
@@ -325,6 +329,14 @@ pub struct EventView {
     pub last_error: Option<String>,
 }
 
+/// A job that replayed another.
+#[derive(Debug, Clone, Serialize)]
+pub struct Replay {
+    pub job_id: Uuid,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+}
+
 /// Everything recorded of one job.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobDetail {
@@ -339,6 +351,10 @@ pub struct JobDetail {
     pub event_routing_key: Option<String>,
     /// The job's events still in the outbox.
     pub events: Vec<EventView>,
+    /// The jobs that replayed this one, oldest first.
+    pub replays: Vec<Replay>,
+    /// When an operator asked to cancel it while it ran.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
     /// The worker holding the job while it runs.
     pub claimed_by: Option<i64>,
     /// How often the job was taken over from a worker that was gone.
@@ -347,6 +363,7 @@ pub struct JobDetail {
 }
 
 const SUMMARY_COLUMNS: &str = "job_id, entity, status, attempts, error, record_id, usage, created_at, finished_at,
+    request->>'replay_of' AS replay_of,
     coalesce((SELECT jsonb_agg(DISTINCT call->>'model') FROM jsonb_array_elements(calls) call
                WHERE call->>'model' IS NOT NULL),
              CASE WHEN jsonb_typeof(request->'model') = 'string' THEN jsonb_build_array(request->'model') END,
@@ -363,6 +380,7 @@ fn summary(row: &QueryResult) -> Result<JobSummary, DbErr> {
         error: row.try_get("", "error")?,
         record_id: row.try_get("", "record_id")?,
         usage: row.try_get("", "usage")?,
+        replay_of: row.try_get::<Option<String>>("", "replay_of")?.and_then(|id| Uuid::try_parse(&id).ok()),
         created_at: row.try_get("", "created_at")?,
         finished_at: row.try_get("", "finished_at")?,
     })
@@ -425,11 +443,138 @@ pub async fn count_running(db: &impl ConnectionTrait) -> Result<i64, DbErr> {
     Ok(row.map(|row| row.try_get("", "running")).transpose()?.unwrap_or(0))
 }
 
+/// What a cancel did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Cancel {
+    /// The job was running: the worker holding it abandons its model call at its next
+    /// heartbeat and ends it with kind `cancelled`.
+    Requested,
+    /// The job was waiting for its delivery to come back (deferred, handed back): it ended
+    /// now, failed with kind `cancelled`, its event in the outbox.
+    Cancelled,
+    /// The job had already finished (`status`): nothing changed.
+    Finished { status: String },
+    /// No job has that id.
+    Unknown,
+}
+
+/// Cancels `job_id`, in one transaction: a job running on a worker is marked for that worker
+/// to cancel; a job waiting for its delivery (no worker holds it) is failed at once with kind
+/// `cancelled` and its event; a finished job is left alone. `entities`: the registered ones
+/// (the event's routing key names the entity only when it is one of them).
+pub async fn cancel(
+    db: &DatabaseConnection,
+    job_id: Uuid,
+    entities: &[&'static str],
+    who: &str,
+) -> Result<Cancel, DbErr> {
+    let txn = db.begin().await?;
+    let row = txn
+        .query_one_raw(stmt(
+            "SELECT status, entity, attempts, request, usage, claim_token IS NOT NULL AS held
+               FROM generation_job WHERE job_id = $1 FOR UPDATE",
+            [job_id.into()],
+        ))
+        .await?;
+    let Some(row) = row else { return Ok(Cancel::Unknown) };
+    let status: String = row.try_get("", "status")?;
+    if status != "running" {
+        return Ok(Cancel::Finished { status });
+    }
+    if row.try_get::<bool>("", "held")? {
+        txn.execute_raw(stmt(
+            "UPDATE generation_job SET cancel_requested_at = coalesce(cancel_requested_at, now()), updated_at = now()
+              WHERE job_id = $1",
+            [job_id.into()],
+        ))
+        .await?;
+        txn.commit().await?;
+        return Ok(Cancel::Requested);
+    }
+    let entity: String = row.try_get("", "entity")?;
+    let request: Value = row.try_get("", "request")?;
+    let usage: Option<Value> = row.try_get("", "usage")?;
+    let attempts: i32 = row.try_get("", "attempts")?;
+    let metadata = request.get("metadata").cloned().unwrap_or(Value::Null);
+    let error = JobError::new(ErrorKind::Cancelled, format!("cancelled by an operator ({who}) while it waited"));
+    let event = CompletionEvent {
+        event_id: Uuid::new_v4(),
+        job_id,
+        status: JobStatus::Failed,
+        entity: entity.clone(),
+        record: None,
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        usage: usage.and_then(|usage| serde_json::from_value(usage).ok()).unwrap_or_default(),
+        error: Some(error.clone()),
+        metadata: metadata.clone(),
+        finished_at: Utc::now(),
+    };
+    let raw = serde_json::value::RawValue::from_string(request.to_string()).expect("JSON is JSON");
+    let job_id_text = job_id.to_string();
+    let record = JobRecord {
+        job_id,
+        entity: &entity,
+        routing_entity: entities.iter().copied().find(|known| *known == entity),
+        request: &raw,
+        metadata: &metadata,
+        correlation_id: &job_id_text,
+        reply_to: None,
+    };
+    let outbox = outbox_event(&record, &event);
+    let payload: Value = serde_json::from_slice(&outbox.payload).expect("an event is JSON");
+    txn.execute_raw(stmt(
+        "UPDATE generation_job
+            SET status = 'failed', error = $2, event = $3, event_routing_key = $4, cancel_requested_at = now(),
+                claimed_by = NULL, lease_expires_at = NULL, updated_at = now(), finished_at = now()
+          WHERE job_id = $1",
+        [
+            job_id.into(),
+            serde_json::to_value(&error).expect("errors serialize").into(),
+            payload.clone().into(),
+            outbox.routing_key.as_str().into(),
+        ],
+    ))
+    .await?;
+    txn.execute_raw(stmt(
+        "INSERT INTO event_outbox (event_id, job_id, routing_key, correlation_id, payload) VALUES ($1, $2, $3, $4, $5)",
+        [
+            outbox.event_id.into(),
+            job_id.into(),
+            outbox.routing_key.as_str().into(),
+            outbox.correlation_id.as_str().into(),
+            payload.into(),
+        ],
+    ))
+    .await?;
+    txn.commit().await?;
+    Ok(Cancel::Cancelled)
+}
+
+/// The running jobs held by worker `worker_id` that an operator asked to cancel.
+pub async fn cancel_requests(db: &impl ConnectionTrait, worker_id: i64) -> Result<Vec<Uuid>, DbErr> {
+    let rows = db
+        .query_all_raw(stmt(
+            "SELECT job_id FROM generation_job
+              WHERE claimed_by = $1 AND cancel_requested_at IS NOT NULL AND status = 'running'",
+            [worker_id.into()],
+        ))
+        .await?;
+    rows.iter().map(|row| row.try_get("", "job_id")).collect()
+}
+
+/// `job_id`'s status and its request as received; `None` if no job has that id.
+pub async fn request_of(db: &impl ConnectionTrait, job_id: Uuid) -> Result<Option<(String, Value)>, DbErr> {
+    let row =
+        db.query_one_raw(stmt("SELECT status, request FROM generation_job WHERE job_id = $1", [job_id.into()])).await?;
+    row.map(|row| Ok((row.try_get("", "status")?, row.try_get("", "request")?))).transpose()
+}
+
 /// Everything recorded of `job_id`; `None` if no job has that id.
 pub async fn get(db: &impl ConnectionTrait, job_id: Uuid) -> Result<Option<JobDetail>, DbErr> {
     let sql = format!(
         "SELECT {SUMMARY_COLUMNS}, request, responses, calls, event, event_routing_key, claimed_by, takeovers,
-                updated_at
+                cancel_requested_at, updated_at
            FROM generation_job WHERE job_id = $1"
     );
     let Some(row) = db.query_one_raw(stmt(&sql, [job_id.into()])).await? else {
@@ -457,6 +602,22 @@ pub async fn get(db: &impl ConnectionTrait, job_id: Uuid) -> Result<Option<JobDe
             })
         })
         .collect::<Result<Vec<_>, DbErr>>()?;
+    let replays = db
+        .query_all_raw(stmt(
+            "SELECT job_id, status, created_at FROM generation_job
+              WHERE request->>'replay_of' = $1 ORDER BY created_at, job_id LIMIT 100",
+            [job_id.to_string().into()],
+        ))
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(Replay {
+                job_id: row.try_get("", "job_id")?,
+                status: row.try_get("", "status")?,
+                created_at: row.try_get("", "created_at")?,
+            })
+        })
+        .collect::<Result<Vec<_>, DbErr>>()?;
     Ok(Some(JobDetail {
         summary: summary(&row)?,
         request: row.try_get("", "request")?,
@@ -464,6 +625,8 @@ pub async fn get(db: &impl ConnectionTrait, job_id: Uuid) -> Result<Option<JobDe
         event: row.try_get("", "event")?,
         event_routing_key: row.try_get("", "event_routing_key")?,
         events,
+        replays,
+        cancel_requested_at: row.try_get("", "cancel_requested_at")?,
         claimed_by: row.try_get("", "claimed_by")?,
         takeovers: row.try_get("", "takeovers")?,
         updated_at: row.try_get("", "updated_at")?,
@@ -533,7 +696,11 @@ mod tests {
     fn a_bad_filter_names_its_parameter() {
         let cases = [
             ("status", "done", "status: `done` is not running, succeeded or failed"),
-            ("error_kind", "x", "error_kind: `x` is not one of invalid_request, validation, refused, llm, internal"),
+            (
+                "error_kind",
+                "x",
+                "error_kind: `x` is not one of invalid_request, validation, refused, llm, internal, cancelled",
+            ),
             ("since", "yesterday", "since: `yesterday` is neither an RFC 3339 time nor an age like 15m, 1h or 7d"),
             ("until", "-5m", "until: `-5m` is neither an RFC 3339 time nor an age like 15m, 1h or 7d"),
             ("since", "99999999999999d", "since: `99999999999999d` is neither"),

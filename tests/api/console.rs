@@ -16,7 +16,7 @@ use crate::helpers::*;
 const GOOD: &str = r#"{"name": "Superman", "secret_name": "Clark Kent"}"#;
 
 /// A validator of `docs/openapi.json`'s schema `name`, its `$ref`s resolved in the document.
-fn openapi(name: &str) -> jsonschema::Validator {
+pub(crate) fn openapi(name: &str) -> jsonschema::Validator {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.json");
     let document: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let root = json!({"$ref": format!("#/components/schemas/{name}"), "components": document["components"]});
@@ -303,7 +303,7 @@ async fn start_up_refuses_an_open_console_beyond_loopback_without_a_token() {
     settings.http.console = false;
     let app = spawn_app_with(settings, llm).await;
     assert_eq!(http_get(&format!("http://127.0.0.1:{}/api/jobs", app.http_addr.port())).await.unwrap().0, 404);
-    assert_eq!(http_get(&format!("http://127.0.0.1:{}/readyz", app.http_addr.port())).await.unwrap().0, 200);
+    assert_eq!(http_get(&format!("http://127.0.0.1:{}/healthz", app.http_addr.port())).await.unwrap().0, 200);
     app.stop().await;
 }
 

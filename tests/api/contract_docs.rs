@@ -38,6 +38,11 @@ fn the_documented_request_schema_accepts_exactly_what_the_daemon_accepts() {
         json!({"entity": "hero", "messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"},
                {"role": "user", "content": "u"}]}),
         json!({"entity": "hero", "messages": user, "unknown_field": 1}),
+        // A replay names the job it runs again, as a UUID.
+        json!({"entity": "hero", "messages": user, "replay_of": Uuid::new_v4()}),
+        json!({"entity": "hero", "messages": user, "replay_of": null}),
+        json!({"entity": "hero", "messages": user, "replay_of": "not-a-uuid"}),
+        json!({"entity": "hero", "messages": user, "replay_of": 7}),
         json!({"entity": "hero", "messages": []}),
         json!({"entity": "hero"}),
         json!({"messages": user}),

@@ -7,8 +7,10 @@ use testkit as helpers;
 use testkit::https_provider;
 
 mod batching;
+mod browser;
 mod cli;
 mod console;
+mod console_actions;
 mod content_parts;
 mod contract_docs;
 mod cost;
