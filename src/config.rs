@@ -560,6 +560,11 @@ impl Settings {
             "the token must be at least 16 characters (e.g. `openssl rand -hex 32`)",
         )?;
         ensure(
+            !token.to_ascii_uppercase().contains("CHANGE-ME"),
+            if self.http.admin_token_file.is_empty() { "http.admin_token" } else { "http.admin_token_file" },
+            "still the example's placeholder: set a token of your own (e.g. `openssl rand -hex 32`)",
+        )?;
+        ensure(
             self.llm.default_max_retries <= self.llm.max_retries,
             "llm.default_max_retries",
             "must not exceed llm.max_retries",
@@ -701,6 +706,26 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn an_admin_token_that_is_short_or_the_examples_placeholder_is_refused_naming_the_key() {
+        for (token, why) in [
+            ("short", "http.admin_token: the token must be at least 16 characters"),
+            ("CHANGE-ME-32-random-hex-characters", "http.admin_token: still the example's placeholder"),
+        ] {
+            let error = Settings::load_from(None, env(&[("INSTRUCTD__HTTP__ADMIN_TOKEN", token)])).unwrap_err();
+            assert!(format!("{error:#}").contains(why), "{token}: {error:#}");
+        }
+        let settings =
+            Settings::load_from(None, env(&[("INSTRUCTD__HTTP__ADMIN_TOKEN", "0123456789abcdef0123")])).unwrap();
+        assert!(settings.to_redacted_toml().contains("admin_token = \"[redacted]\""));
+        assert!(!settings.to_redacted_toml().contains("0123456789abcdef0123"));
+        // Beyond loopback, the console needs it.
+        let mut open = Settings::load_from(None, env(&[("INSTRUCTD__HTTP__LISTEN", "0.0.0.0:9464")])).unwrap();
+        assert!(format!("{:#}", open.http.check_console_access().unwrap_err()).starts_with("http.admin_token_file: "));
+        open.http.console = false;
+        open.http.check_console_access().unwrap();
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub enum JobsCommand {
     Cancel {
         #[arg(required = true)]
         job_ids: Vec<Uuid>,
+        /// Also a job id with no job yet, whose request is still in the queue: it ends, without
+        /// a call, when a worker takes it.
+        #[arg(long)]
+        queued: bool,
     },
     /// Send jobs again as new jobs (a new id each; the request records which job it replays),
     /// and print the new ids. A running job is not replayed.
@@ -113,7 +117,7 @@ pub struct ListArgs {
     /// A model any of the job's calls went to, or its request named.
     #[arg(long)]
     model: Option<String>,
-    /// invalid_request, validation, refused, llm or internal.
+    /// invalid_request, validation, refused, llm, internal or cancelled.
     #[arg(long)]
     error_kind: Option<String>,
     /// Created at or after: an RFC 3339 time, or an age (15m, 1h, 7d).
@@ -186,12 +190,13 @@ pub async fn run(settings: &Settings, command: JobsCommand, entities: Vec<&'stat
             }
             Ok(ExitCode::SUCCESS)
         }
-        JobsCommand::Cancel { job_ids } => {
+        JobsCommand::Cancel { job_ids, queued } => {
             let actions = actions(settings, db, entities);
             for job_id in job_ids {
-                let cancel = actions.cancel(job_id, WHO).await.map_err(failed)?;
+                let cancel = actions.cancel(job_id, queued, WHO).await.map_err(failed)?;
                 let what = match cancel {
                     Cancel::Requested => "cancelling: its worker abandons it at its next heartbeat",
+                    Cancel::Queued => "cancelled: it ends, without a call, when a worker takes it from the queue",
                     _ => "cancelled",
                 };
                 println!("{job_id}\t{what}");
@@ -241,9 +246,11 @@ pub async fn run_dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result
             }
         }
         DlqCommand::Purge(selected) => {
-            for purged in actions.purge_dead_letters(&selected.which(), WHO).await.map_err(failed)? {
-                println!("{purged}");
+            let purged = actions.purge_dead_letters(&selected.which(), WHO).await.map_err(failed)?;
+            for id in &purged.ids {
+                println!("{id}");
             }
+            eprintln!("{} dead letter(s) purged", purged.count);
         }
     }
     Ok(ExitCode::SUCCESS)

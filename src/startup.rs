@@ -78,6 +78,30 @@ async fn connect_pool(settings: &Settings, max_connections: u32, lazy: bool) -> 
         .with_context(|| format!("cannot connect to Postgres at {}", redacted_url(&settings.database.url)))
 }
 
+/// The console's own pool: two lazy connections whose statements stop after
+/// [`CONSOLE_STATEMENT_TIMEOUT`], so that however many console pages are open, and however
+/// large the ledger a text search reads, the workers' pool is never waiting on them.
+async fn connect_console_pool(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
+    let mut options = ConnectOptions::new(settings.database.url.expose_secret().to_owned());
+    options
+        .max_connections(2)
+        .connect_timeout(Duration::from_secs(settings.database.connect_timeout_secs))
+        .acquire_timeout(Duration::from_secs(settings.database.connect_timeout_secs))
+        .sqlx_logging(false)
+        .connect_lazy(true);
+    let ca_file = settings.database.ca_file.clone();
+    options.map_sqlx_postgres_opts(move |pg| {
+        let timeout = format!("{}ms", CONSOLE_STATEMENT_TIMEOUT.as_millis());
+        tune(pg, &ca_file).options([("statement_timeout", timeout.as_str())]).application_name("instructd-console")
+    });
+    Database::connect(options)
+        .await
+        .with_context(|| format!("cannot connect to Postgres at {}", redacted_url(&settings.database.url)))
+}
+
+/// The longest a console query may run.
+const CONSOLE_STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// What every instructd session sets on its connection options.
 fn tune(pg: PgConnectOptions, ca_file: &str) -> PgConnectOptions {
     use sqlx::ConnectOptions as _;
@@ -152,12 +176,14 @@ impl Application {
         let health =
             Arc::new(Health::new(presence.clone(), llm, max_disconnected, worker.stop.clone(), metrics.clone()));
         let http = &worker.settings.http;
-        let console = http.console.then(|| {
+        let console = if http.console {
             let access = Access::new(&http.admin_token, http.listen.ip().is_loopback());
             let entities = worker.registry.names().collect();
-            let db = worker.store.db().clone();
-            Console::new(db, health.clone(), access, entities, worker.settings.clone(), metrics.clone()).router()
-        });
+            let db = connect_console_pool(&worker.settings).await?;
+            Some(Console::new(db, health.clone(), access, entities, worker.settings.clone(), metrics.clone()).router())
+        } else {
+            None
+        };
         Ok(Self {
             app,
             worker: Arc::new(worker),

@@ -258,7 +258,11 @@ impl Worker {
                 });
                 Ending::AlreadyFinished(event)
             }
-            Claim::Acquired { token, takeovers, age } => {
+            Claim::Acquired { token, takeovers, age, cancel_requested } => {
+                if cancel_requested {
+                    // An operator cancelled it while it waited: no call is made.
+                    running.cancelled.cancel();
+                }
                 // The broker's count (of a redelivery) and the claim's (which survives
                 // deferrals): either says how often a worker died holding this job.
                 let previous = job.previous_deliveries.max(u64::from(takeovers));
@@ -309,20 +313,12 @@ impl Worker {
             max_retries: job.max_retries,
             deadline: started + Duration::from_secs(self.settings.llm.job_timeout_secs),
             hold,
+            cancelled,
         };
         let generation = tokio::select! {
             generation = llm::generate(&self.llm, &self.settings.llm, prompt) => generation,
             // The call in flight is dropped: the grace period is over.
             _ = self.abort.cancelled() => return Box::pin(self.hand_back(job.id, token, Ending::Interrupted)).await,
-            // The call in flight is dropped: an operator cancelled the job.
-            _ = cancelled.cancelled() => {
-                tracing::info!("job cancelled by an operator; its model call is abandoned");
-                let message = "cancelled by an operator while it ran; the model call in flight was abandoned";
-                Ok(llm::Generation {
-                    outcome: Err(JobError::new(ErrorKind::Cancelled, message)),
-                    trace: CallTrace::default(),
-                })
-            }
         };
         let give_up_after = Duration::from_secs(self.settings.llm.give_up_after_secs);
         let generation = match generation {

@@ -31,20 +31,31 @@ impl MigrationTrait for Migration {
             "ALTER TABLE generation_job ADD COLUMN IF NOT EXISTS cancel_requested_at timestamptz NULL",
         )
         .await?;
-        db.execute_unprepared(
-            "CREATE INDEX CONCURRENTLY IF NOT EXISTS generation_job_created_idx ON generation_job (created_at, job_id)",
-        )
-        .await?;
-        db.execute_unprepared(
-            "CREATE INDEX CONCURRENTLY IF NOT EXISTS generation_job_replay_of_idx
-                ON generation_job ((request->>'replay_of')) WHERE request->>'replay_of' IS NOT NULL",
-        )
-        .await?;
-        db.execute_unprepared(
-            "CREATE INDEX CONCURRENTLY IF NOT EXISTS generation_job_cancel_idx
-                ON generation_job (claimed_by) WHERE cancel_requested_at IS NOT NULL AND status = 'running'",
-        )
-        .await?;
+        for (index, definition) in [
+            ("generation_job_created_idx", "ON generation_job (created_at, job_id)"),
+            (
+                "generation_job_replay_of_idx",
+                "ON generation_job ((request->>'replay_of')) WHERE request->>'replay_of' IS NOT NULL",
+            ),
+            (
+                "generation_job_cancel_idx",
+                "ON generation_job (claimed_by) WHERE cancel_requested_at IS NOT NULL AND status = 'running'",
+            ),
+        ] {
+            // A build that failed half-way leaves an invalid index, which `IF NOT EXISTS` would
+            // keep: it is dropped first, so that running this again finishes the job.
+            db.execute_unprepared(&format!(
+                "DO $$ BEGIN
+                    IF EXISTS (SELECT 1 FROM pg_index JOIN pg_class ON pg_class.oid = pg_index.indexrelid
+                                WHERE pg_class.relname = '{index}' AND NOT pg_index.indisvalid
+                                  AND pg_class.relnamespace = current_schema()::regnamespace) THEN
+                        DROP INDEX {index};
+                    END IF;
+                 END $$"
+            ))
+            .await?;
+            db.execute_unprepared(&format!("CREATE INDEX CONCURRENTLY IF NOT EXISTS {index} {definition}")).await?;
+        }
         Ok(())
     }
 

@@ -7,8 +7,9 @@
 //!   the API as a bearer token; through the console's forms as a session, each form carrying
 //!   a CSRF token derived from the admin token.
 //! - The token is sent as `Authorization: Bearer <token>`, or typed once into `/login`, which
-//!   sets a session cookie (`HttpOnly`, `SameSite=Strict`) derived from the token: replicas
-//!   with one token accept each other's sessions, and a new token ends every session.
+//!   sets a session cookie (`HttpOnly`, `SameSite=Strict`, 12 hours): when it was issued,
+//!   signed with the token. Replicas with one token accept each other's sessions, and a new
+//!   token ends every session.
 //!
 //! Tokens and cookies are compared as HMAC tags, in constant time.
 
@@ -61,6 +62,17 @@ pub struct Access {
 /// What a session cookie holds: this, signed with the token.
 const SESSION_PURPOSE: &[u8] = b"instructd console session v1";
 
+/// How long a console session lasts; then the browser signs in again.
+pub const SESSION_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+
+fn session_message(issued: u64) -> Vec<u8> {
+    [SESSION_PURPOSE, b":", issued.to_string().as_bytes()].concat()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_secs())
+}
+
 /// What the console's forms carry against cross-site requests: this, signed with the token.
 const CSRF_PURPOSE: &[u8] = b"instructd console form v1";
 
@@ -87,17 +99,26 @@ impl Access {
             .is_some_and(|(key, tag)| hmac::verify(key, presented.trim().as_bytes(), tag.as_ref()).is_ok())
     }
 
-    /// The session cookie's value for a caller who gave the token; `None` without a token.
+    /// The session cookie's value for a caller who gave the token: when it was issued, signed
+    /// with the token; `None` without a token.
     pub fn session_value(&self) -> Option<String> {
-        let key = self.token_key.as_ref()?;
-        Some(hex(hmac::sign(key, SESSION_PURPOSE).as_ref()))
+        self.session_issued_at(unix_now())
     }
 
+    fn session_issued_at(&self, issued: u64) -> Option<String> {
+        let key = self.token_key.as_ref()?;
+        Some(format!("{issued}.{}", hex(hmac::sign(key, &session_message(issued)).as_ref())))
+    }
+
+    /// Whether `value` is a session this token signed less than [`SESSION_MAX_AGE`] ago.
     fn is_session(&self, value: &str) -> bool {
-        let (Some(key), Some(tag)) = (self.token_key.as_ref(), unhex(value)) else {
+        let Some((issued, tag)) = value.split_once('.') else { return false };
+        let (Some(key), Ok(issued), Some(tag)) = (self.token_key.as_ref(), issued.parse::<u64>(), unhex(tag)) else {
             return false;
         };
-        hmac::verify(key, SESSION_PURPOSE, &tag).is_ok()
+        let now = unix_now();
+        let fresh = issued <= now.saturating_add(60) && now.saturating_sub(issued) < SESSION_MAX_AGE.as_secs();
+        fresh && hmac::verify(key, &session_message(issued), &tag).is_ok()
     }
 
     /// Who sent `headers`: the token (bearer or session cookie) makes an admin; without it,
@@ -153,6 +174,17 @@ fn session_cookie(headers: &HeaderMap) -> Option<&str> {
         .find_map(|(name, value)| (name == SESSION_COOKIE).then_some(value))
 }
 
+/// Whether the request's `Host` names this machine's loopback: `localhost`, a `127.0.0.0/8`
+/// address or `[::1]`, with or without a port.
+fn loopback_host(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|value| value.to_str().ok()) else { return false };
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
@@ -168,6 +200,15 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 /// API call without that gets a JSON 401, a page a redirect to `/login`.
 pub async fn require_reader(State(console): State<Console>, mut request: Request, next: Next) -> Response {
     match console.access.caller(request.headers()) {
+        // Without a token, only a page asked for by a loopback name: a web page that
+        // rebinds its own name to 127.0.0.1 cannot read the console from the operator's
+        // browser (DNS rebinding).
+        Some(Caller::Local) if !loopback_host(request.headers()) => {
+            let body = serde_json::json!({
+                "error": "without the admin token, the console answers only to a loopback name (localhost, 127.0.0.1, [::1])"
+            });
+            (StatusCode::FORBIDDEN, axum::Json(body)).into_response()
+        }
         Some(caller) => {
             request.extensions_mut().insert(caller);
             next.run(request).await
@@ -234,6 +275,18 @@ mod tests {
     }
 
     #[test]
+    fn without_a_token_only_a_loopback_name_is_answered() {
+        for host in ["localhost", "localhost:9464", "LOCALHOST:1", "127.0.0.1:9464", "127.1.2.3", "[::1]:9464", "[::1]"]
+        {
+            assert!(loopback_host(&headers(&[(header::HOST, host)])), "{host}");
+        }
+        for host in ["evil.example:9464", "evil.example", "10.0.0.1:9464", "localhost.evil.example", "[::2]:80", ""] {
+            assert!(!loopback_host(&headers(&[(header::HOST, host)])), "{host}");
+        }
+        assert!(!loopback_host(&HeaderMap::new()));
+    }
+
+    #[test]
     fn a_session_acts_only_with_the_forms_csrf_token() {
         let access = Access::new(&SecretString::from(TOKEN), true);
         let csrf = access.csrf_token().unwrap();
@@ -254,6 +307,22 @@ mod tests {
         assert_eq!(access.session_value(), None);
         assert_eq!(access.csrf_token(), None);
         assert_eq!(access.caller(&headers(&[(header::AUTHORIZATION, "Bearer ")])), Some(Caller::Local));
+    }
+
+    #[test]
+    fn a_session_ends_after_its_max_age() {
+        let access = Access::new(&SecretString::from(TOKEN), false);
+        let now = unix_now();
+        let cookie = |issued: u64| format!("{SESSION_COOKIE}={}", access.session_issued_at(issued).unwrap());
+        let fresh = cookie(now - SESSION_MAX_AGE.as_secs() + 60);
+        assert_eq!(access.caller(&headers(&[(header::COOKIE, &fresh)])), Some(Caller::Session));
+        for stale in [cookie(now - SESSION_MAX_AGE.as_secs() - 1), cookie(now + 3600)] {
+            assert_eq!(access.caller(&headers(&[(header::COOKIE, &stale)])), None, "{stale}");
+        }
+        // A forged time under a real signature does not pass.
+        let real = access.session_issued_at(now).unwrap();
+        let forged = format!("{SESSION_COOKIE}={}{}", now + 1, &real[real.find('.').unwrap()..]);
+        assert_eq!(access.caller(&headers(&[(header::COOKIE, &forged)])), None);
     }
 
     #[test]

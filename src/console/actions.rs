@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::broker::{ConsoleBroker, DeadLetters, Moved, Which};
+use super::broker::{ConsoleBroker, DeadLetters, Moved, Purged, Which};
 use crate::config::Settings;
 use crate::contract::Mode;
 use crate::metrics::{Action, Metrics};
@@ -77,16 +77,21 @@ impl Actions {
     }
 
     /// Cancels `job_id`: a running job gives up its model call at its worker's next
-    /// heartbeat and ends with kind `cancelled`; one waiting for its delivery ends now. A
-    /// finished job is a conflict.
-    pub async fn cancel(&self, job_id: Uuid, who: Who) -> Result<Cancel, ActionError> {
-        let cancel = jobs::cancel(&self.db, job_id, &self.entities, who.0).await?;
+    /// heartbeat and ends with kind `cancelled`; one waiting for its delivery ends now; with
+    /// `queued`, one whose request no worker has taken yet ends when it arrives, without a
+    /// call. A finished job is a conflict.
+    pub async fn cancel(&self, job_id: Uuid, queued: bool, who: Who) -> Result<Cancel, ActionError> {
+        let cancel = jobs::cancel(&self.db, job_id, queued, &self.entities, who.0).await?;
         match &cancel {
-            Cancel::Unknown => return Err(ActionError::NotFound(format!("no job {job_id}"))),
+            Cancel::Unknown => {
+                return Err(ActionError::NotFound(format!(
+                    "no job {job_id}: if its request is still in the queue, cancel it with queued=true"
+                )));
+            }
             Cancel::Finished { status } => {
                 return Err(ActionError::Conflict(format!("job {job_id} has already finished ({status})")));
             }
-            Cancel::Requested | Cancel::Cancelled => {}
+            Cancel::Requested | Cancel::Cancelled | Cancel::Queued => {}
         }
         self.metrics.console_action(Action::Cancel, 1);
         tracing::info!(who = who.0, action = "cancel", %job_id, outcome = ?cancel, "cancelled a job");
@@ -127,7 +132,9 @@ impl Actions {
     }
 
     /// Replays every finished job `filter` matches, newest first, up to `limit` (at most
-    /// [`MAX_BULK`]); running ones are left alone.
+    /// [`MAX_BULK`]); running ones are left alone, and so is a request that is not a JSON
+    /// object (it was refused as such). Published a page at a time: a failure part of the
+    /// way says how many were sent before it.
     pub async fn replay_matching(
         &self,
         filter: &JobFilter,
@@ -139,33 +146,46 @@ impl Actions {
         if !(1..=MAX_BULK).contains(&limit) {
             return Err(BadFilter::new("limit", format!("must be a whole number from 1 to {MAX_BULK}")).into());
         }
-        let mut requests = Vec::new();
+        let mut replayed = Vec::new();
         let mut after = None;
-        while requests.len() < limit as usize {
+        while replayed.len() < limit as usize {
             let page = jobs::list(&self.db, filter, after, jobs::MAX_PAGE).await?;
+            let mut bodies = Vec::new();
             for job in page.jobs.iter().filter(|job| job.status != "running") {
-                if requests.len() == limit as usize {
+                if replayed.len() + bodies.len() == limit as usize {
                     break;
                 }
-                if let Some((_, request)) = jobs::request_of(&self.db, job.job_id).await? {
-                    // A request that is not a JSON object (it was refused as such) cannot be
-                    // sent again with a new id: it is skipped.
-                    if let Ok(again) = again(job.job_id, request, overrides) {
-                        requests.push(again);
-                    }
+                if let Some((_, request)) = jobs::request_of(&self.db, job.job_id).await?
+                    && let Ok((again, body)) = again(job.job_id, request, overrides)
+                {
+                    bodies.push((again, body));
                 }
             }
+            let (sent, payloads): (Vec<Replayed>, Vec<(Uuid, Vec<u8>)>) = bodies
+                .into_iter()
+                .map(|(again, body)| {
+                    let job_id = again.job_id;
+                    (again, (job_id, body))
+                })
+                .unzip();
+            if let Err(error) = self.broker.publish_requests(&payloads).await {
+                self.record_replays(replayed.len(), filter, who);
+                let sent = replayed.len();
+                return Err(ActionError::Broker(error.context(format!("{sent} job(s) were replayed before this"))));
+            }
+            replayed.extend(sent);
             match page.next.as_deref().map(str::parse) {
                 Some(Ok(next)) => after = Some(next),
                 _ => break,
             }
         }
-        let bodies: Vec<(Uuid, Vec<u8>)> =
-            requests.iter().map(|(replayed, body)| (replayed.job_id, body.clone())).collect();
-        self.broker.publish_requests(&bodies).await.map_err(ActionError::Broker)?;
-        self.metrics.console_action(Action::Replay, bodies.len() as u64);
-        tracing::info!(who = who.0, action = "replay", jobs = bodies.len(), filter = ?filter, "replayed jobs");
-        Ok(requests.into_iter().map(|(replayed, _)| replayed).collect())
+        self.record_replays(replayed.len(), filter, who);
+        Ok(replayed)
+    }
+
+    fn record_replays(&self, count: usize, filter: &JobFilter, who: Who) {
+        self.metrics.console_action(Action::Replay, count as u64);
+        tracing::info!(who = who.0, action = "replay", jobs = count, filter = ?filter, "replayed jobs");
     }
 
     /// How many messages the dead-letter queue holds.
@@ -187,10 +207,10 @@ impl Actions {
     }
 
     /// Deletes `which` dead letters.
-    pub async fn purge_dead_letters(&self, which: &Which, who: Who) -> Result<Vec<String>, ActionError> {
+    pub async fn purge_dead_letters(&self, which: &Which, who: Who) -> Result<Purged, ActionError> {
         let purged = self.broker.purge_dead_letters(which).await.map_err(ActionError::Broker)?;
-        self.metrics.console_action(Action::DeadLetterPurge, purged.len() as u64);
-        tracing::info!(who = who.0, action = "dead_letter_purge", purged = ?purged, "purged dead letters");
+        self.metrics.console_action(Action::DeadLetterPurge, u64::from(purged.count));
+        tracing::info!(who = who.0, action = "dead_letter_purge", count = purged.count, ids = ?purged.ids, "purged dead letters");
         Ok(purged)
     }
 }

@@ -165,19 +165,31 @@ pub async fn replay_jobs(
     Query(params): Params,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let query = ListQuery::parse(pairs(&params), Utc::now())?;
+    let filter = JobFilter::parse(pairs(&params), Utc::now())?;
+    let limit = match pairs(&params).find(|(name, _)| *name == "limit") {
+        None => jobs::DEFAULT_PAGE,
+        // Checked against MAX_BULK by the action.
+        Some((_, value)) => value.trim().parse().unwrap_or(0),
+    };
     let overrides: Overrides = body(&bytes)?;
-    let replayed = console.actions.replay_matching(&query.filter, query.limit, &overrides, who(caller)).await?;
+    let replayed = console.actions.replay_matching(&filter, limit, &overrides, who(caller)).await?;
     Ok(accepted(serde_json::json!({ "replayed": replayed })))
 }
 
+/// `POST /api/jobs/{job_id}/cancel[?queued=true]`.
 pub async fn cancel_job(
     State(console): State<Console>,
     Extension(caller): Extension<Caller>,
     Path(job_id): Path<String>,
+    Query(params): Params,
 ) -> Result<Response, ApiError> {
     let job_id = self::job_id(&job_id)?;
-    Ok(accepted(console.actions.cancel(job_id, who(caller)).await?))
+    let queued = match pairs(&params).find(|(name, _)| *name == "queued").map(|(_, value)| value) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(ApiError::BadRequest(BadFilter::new("queued", "must be true or false"))),
+    };
+    Ok(accepted(console.actions.cancel(job_id, queued, who(caller)).await?))
 }
 
 /// `GET /api/dead-letters?limit=N` (50 by default, at most 500).
@@ -232,6 +244,5 @@ pub async fn purge_dead_letters(
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
     let which = body::<Selection>(&bytes)?.which()?;
-    let purged = console.actions.purge_dead_letters(&which, who(caller)).await?;
-    Ok(Json(serde_json::json!({ "purged": purged })).into_response())
+    Ok(Json(console.actions.purge_dead_letters(&which, who(caller)).await?).into_response())
 }

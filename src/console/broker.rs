@@ -2,7 +2,9 @@
 //! queue, and the dead-letter queue read, moved back and purged. One connection
 //! (`instructd-console`), opened at the first action and again after it is lost; a channel
 //! per action, in confirm mode, so that nothing is acknowledged or reported moved before the
-//! broker has it.
+//! broker has it. No dead letter is ever handed back unacknowledged (a quorum queue counts
+//! that as a failed delivery, and RabbitMQ 4 drops a message after 20): one that is read and
+//! not taken is copied to the queue's end, then acknowledged.
 
 use std::collections::HashSet;
 
@@ -79,6 +81,13 @@ pub struct DeadLetters {
 pub enum Which {
     All,
     Ids(HashSet<String>),
+}
+
+/// What a purge deleted: how many messages, and their ids (none listed for all).
+#[derive(Debug, Clone, Serialize)]
+pub struct Purged {
+    pub count: u32,
+    pub ids: Vec<String>,
 }
 
 /// A dead letter moved back to the request queue.
@@ -163,20 +172,54 @@ impl ConsoleBroker {
         Ok(queue.message_count())
     }
 
-    /// The dead-letter queue's length and up to `limit` of its messages, left in the queue
-    /// (read unacknowledged, handed back when the channel closes).
+    /// The dead-letter queue's length and up to `limit` of its first messages. A message is
+    /// read, copied to the queue's end (confirmed) and only then acknowledged: never handed
+    /// back unacknowledged, which a quorum queue counts as a failed delivery (RabbitMQ 4 drops
+    /// a message after 20 of them by default). So a listing moves what it shows to the end:
+    /// the next one shows the next messages, and a queue no longer than `limit` keeps its
+    /// order.
     pub async fn dead_letters(&self, limit: u32) -> anyhow::Result<DeadLetters> {
-        let channel = self.channel().await?;
+        let channel = self.confirming_channel().await?;
         let mut listed = DeadLetters { total: 0, dead_letters: Vec::new() };
-        while listed.dead_letters.len() < limit.min(MAX_LISTED) as usize {
+        let mut left = None;
+        while listed.dead_letters.len() < limit.min(MAX_LISTED) as usize && left != Some(0) {
             let Some(message) = self.get(&channel).await? else { break };
+            let left = left.get_or_insert(message.message_count.saturating_add(1));
+            *left -= 1;
             if listed.dead_letters.is_empty() {
-                listed.total = message.message_count + 1;
+                listed.total = message.message_count.saturating_add(1);
             }
             listed.dead_letters.push(describe(&message.delivery.data, &message.delivery.properties));
+            self.to_the_end(&channel, &message.delivery).await?;
         }
         let _ = channel.close(200, "listed".into()).await;
         Ok(listed)
+    }
+
+    /// Moves `delivery` to the end of the dead-letter queue: a copy, confirmed, then the ack.
+    async fn to_the_end(&self, channel: &Channel, delivery: &lapin::message::Delivery) -> anyhow::Result<()> {
+        let mut properties = delivery.properties.clone();
+        if let Some(headers) = delivery.properties.headers() {
+            let mut kept = FieldTable::default();
+            for (name, value) in headers.inner() {
+                if name.as_str() != "x-delivery-count" {
+                    kept.insert(name.clone(), value.clone());
+                }
+            }
+            properties = properties.with_headers(kept);
+        }
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                short(&self.settings.dead_letter_queue),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                &delivery.data,
+                properties,
+            )
+            .await?;
+        confirmed(confirm.await?)?;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
     }
 
     async fn get(&self, channel: &Channel) -> lapin::Result<Option<lapin::message::BasicGetMessage>> {
@@ -217,19 +260,20 @@ impl ConsoleBroker {
     }
 
     /// Deletes `which` dead letters: the ids purged.
-    pub async fn purge_dead_letters(&self, which: &Which) -> anyhow::Result<Vec<String>> {
-        let channel = self.channel().await?;
-        let mut purged = Vec::new();
+    pub async fn purge_dead_letters(&self, which: &Which) -> anyhow::Result<Purged> {
+        let channel = self.confirming_channel().await?;
         if *which == Which::All {
             let count =
                 channel.queue_purge(short(&self.settings.dead_letter_queue), QueuePurgeOptions::default()).await?;
             let _ = channel.close(200, "purged".into()).await;
-            return Ok(vec![format!("{count} message(s)")]);
+            return Ok(Purged { count, ids: Vec::new() });
         }
+        let mut purged = Purged { count: 0, ids: Vec::new() };
         let mut scan = Scan::new(which);
         while let Some((delivery, id)) = scan.next(self, &channel).await? {
             delivery.acker.ack(BasicAckOptions::default()).await?;
-            purged.push(id);
+            purged.count += 1;
+            purged.ids.push(id);
         }
         let _ = channel.close(200, "purged".into()).await;
         Ok(purged)
@@ -237,17 +281,18 @@ impl ConsoleBroker {
 }
 
 /// A pass over the dead letters there were when it started (up to [`MAX_SCANNED`]), handing
-/// out those that `which` takes; the others stay unacknowledged, and go back when the channel
-/// closes. It ends early once every named id was handed out.
+/// out those that `which` takes (of several copies of one id, the first); the others are moved
+/// to the queue's end, so that none is handed back unacknowledged. It ends early once every
+/// named id was handed out.
 struct Scan<'a> {
     which: &'a Which,
     left: Option<u32>,
-    taken: usize,
+    taken: HashSet<String>,
 }
 
 impl<'a> Scan<'a> {
     fn new(which: &'a Which) -> Self {
-        Self { which, left: None, taken: 0 }
+        Self { which, left: None, taken: HashSet::new() }
     }
 
     async fn next(
@@ -256,7 +301,7 @@ impl<'a> Scan<'a> {
         channel: &Channel,
     ) -> anyhow::Result<Option<(lapin::message::Delivery, String)>> {
         loop {
-            if self.left == Some(0) || matches!(self.which, Which::Ids(ids) if self.taken == ids.len()) {
+            if self.left == Some(0) || matches!(self.which, Which::Ids(ids) if self.taken.len() == ids.len()) {
                 return Ok(None);
             }
             let Some(message) = broker.get(channel).await? else { return Ok(None) };
@@ -265,12 +310,15 @@ impl<'a> Scan<'a> {
             let id = body_id(&message.delivery.data);
             let wanted = match self.which {
                 Which::All => true,
-                Which::Ids(ids) => ids.contains(&id),
+                Which::Ids(ids) => ids.contains(&id) && !self.taken.contains(&id),
             };
             if wanted {
-                self.taken += 1;
+                if matches!(self.which, Which::Ids(_)) {
+                    self.taken.insert(id.clone());
+                }
                 return Ok(Some((message.delivery, id)));
             }
+            broker.to_the_end(channel, &message.delivery).await?;
         }
     }
 }
@@ -278,8 +326,8 @@ impl<'a> Scan<'a> {
 fn confirmed(confirmation: Confirmation) -> anyhow::Result<()> {
     match confirmation {
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-        Confirmation::Ack(Some(returned)) => bail!("the request queue did not take it: {}", returned.reply_text),
-        Confirmation::Nack(_) => bail!("the broker refused it (is the request queue full?)"),
+        Confirmation::Ack(Some(returned)) => bail!("the queue did not take it: {}", returned.reply_text),
+        Confirmation::Nack(_) => bail!("the broker refused it (is the queue full?)"),
     }
 }
 

@@ -289,7 +289,9 @@ fn jobs_table(list: &[JobSummary]) -> Markup {
                 tr {
                     td { (time(&job.created_at)) }
                     td { a href={ "/jobs/" (job.job_id) } { code { (job.job_id) } } }
-                    td { (job.entity) }
+                    td {
+                        @if job.entity.is_empty() { span.muted { "not taken from the queue yet" } } @else { (job.entity) }
+                    }
                     td { (badge(&job.status)) }
                     td { (job.attempts) }
                     td { (job.models.join(", ")) }
@@ -558,7 +560,8 @@ pub async fn login(State(console): State<Console>, Form(form): Form<LoginForm>) 
     match console.access.session_value().filter(|_| console.access.is_token(&form.token)) {
         Some(session) => {
             tracing::info!(who = "admin", "signed in to the console");
-            let cookie = format!("{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict");
+            let max_age = super::access::SESSION_MAX_AGE.as_secs();
+            let cookie = format!("{SESSION_COOKIE}={session}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict");
             ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
         }
         None => {
@@ -669,7 +672,7 @@ pub async fn cancel_job(
     }
     let cancelled = async {
         let job_id = job_id(&id)?;
-        console.actions.cancel(job_id, Who(caller.as_str())).await?;
+        console.actions.cancel(job_id, false, Who(caller.as_str())).await?;
         Ok::<_, ApiError>(job_id)
     };
     match cancelled.await {

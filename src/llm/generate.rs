@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::client::{CallError, LlmClient};
 use super::modes::Strategy;
@@ -27,6 +28,9 @@ pub struct Prompt<'a> {
     pub deadline: Instant,
     /// When the delivery must be handed back if the job is still waiting on the provider.
     pub hold: Instant,
+    /// Cancelled when an operator cancels the job: the call in flight is abandoned, and the
+    /// job fails with kind `cancelled`, keeping what the earlier calls cost and returned.
+    pub cancelled: &'a CancellationToken,
 }
 
 /// The end of the generation step: a record to store, or why the job failed.
@@ -63,6 +67,9 @@ pub async fn generate(
     let mut last_failure: Option<String> = None;
     let price = settings.price(prompt.model);
     let last_error = loop {
+        if prompt.cancelled.is_cancelled() {
+            return Ok(Generation { outcome: Err(cancelled(CANCELLED_WAITING)), trace });
+        }
         if settings.job_cost_budget_usd > 0.0 {
             let spent = trace.usage.cost_usd.unwrap_or(0.0);
             if spent >= settings.job_cost_budget_usd {
@@ -102,7 +109,11 @@ pub async fn generate(
         tracing::Span::current().record("attempt", trace.attempts);
         let request = strategy.request(prompt.model, std::mem::take(&mut messages), max_tokens, settings.temperature);
         let (started_at, started) = (chrono::Utc::now(), Instant::now());
-        let called = client.complete(&request, prompt.deadline, prompt.hold).await;
+        let called = tokio::select! {
+            called = client.complete(&request, prompt.deadline, prompt.hold) => Some(called),
+            // The call in flight is dropped.
+            _ = prompt.cancelled.cancelled() => None,
+        };
         messages = request.messages;
         let mut call = Call {
             model: prompt.model.to_owned(),
@@ -111,6 +122,12 @@ pub async fn generate(
             usage: None,
             finish_reason: None,
             error: None,
+        };
+        let Some(called) = called else {
+            let failure = cancelled(CANCELLED_CALLING);
+            call.error = Some(failure.clone());
+            trace.calls.push(call);
+            return Ok(Generation { outcome: Err(failure), trace });
         };
         let completion = match called {
             Ok(completion) => completion,
@@ -193,6 +210,16 @@ pub async fn generate(
 /// What a re-ask says about an answer cut off at the token limit.
 const CUT_OFF_NOTE: &str = "the answer was cut off at the token limit (finish_reason: length), so it is \
                             incomplete; answer again, complete and as short as the schema allows";
+
+/// Why a job an operator cancelled failed, while its model call was out.
+const CANCELLED_CALLING: &str = "cancelled by an operator while it ran; the model call in flight was abandoned";
+
+/// Why a job an operator cancelled failed, between its calls (or before the first).
+const CANCELLED_WAITING: &str = "cancelled by an operator before its next model call";
+
+fn cancelled(message: &str) -> JobError {
+    JobError::new(ErrorKind::Cancelled, message)
+}
 
 fn call_failure(error: CallError) -> JobError {
     JobError::new(ErrorKind::Llm, error.to_string())

@@ -25,8 +25,9 @@ pub enum Claim {
     /// This worker owns the job until it records the outcome; `token` proves it.
     /// `takeovers` counts the claims before this one whose worker was gone (killed, frozen,
     /// cut off) before the job finished: the job's poison count. `age`: how long ago the job
-    /// was first claimed (zero for a new one), across deferrals.
-    Acquired { token: Uuid, takeovers: u32, age: Duration },
+    /// was first claimed (zero for a new one), across deferrals. `cancel_requested`: an
+    /// operator asked to cancel it (`store::jobs::cancel`) while no worker ran it.
+    Acquired { token: Uuid, takeovers: u32, age: Duration, cancel_requested: bool },
     /// The job already finished: nothing is generated; its event, as announced, answers this
     /// delivery too (`None` for a job finished before events were kept on the row).
     Finished { event: Option<StoredEvent> },
@@ -144,6 +145,12 @@ async fn try_claim_batch(
                 SELECT job_id, entity, 'running', 0, request, token, $3 FROM batch
                 ON CONFLICT (job_id) DO UPDATE
                    SET claim_token = EXCLUDED.claim_token,
+                       -- A job cancelled before any worker took it (`store::jobs::cancel`) has no
+                       -- request yet: this delivery's.
+                       entity = CASE WHEN generation_job.request = 'null'::jsonb THEN EXCLUDED.entity
+                                     ELSE generation_job.entity END,
+                       request = CASE WHEN generation_job.request = 'null'::jsonb THEN EXCLUDED.request
+                                      ELSE generation_job.request END,
                        claimed_by = EXCLUDED.claimed_by,
                        takeovers = generation_job.takeovers
                                    + CASE WHEN generation_job.claim_token IS NULL THEN 0 ELSE 1 END,
@@ -158,9 +165,9 @@ async fn try_claim_batch(
                                            WHERE worker.worker_id = generation_job.claimed_by
                                              AND worker.seen_at > now() - make_interval(secs => $4))
                            OR pg_try_advisory_xact_lock(generation_job.claimed_by))))
-                RETURNING job_id, claim_token, takeovers
+                RETURNING job_id, claim_token, takeovers, cancel_requested_at IS NOT NULL AS cancel_requested
              )
-             SELECT batch.job_id, claimed.claim_token, claimed.takeovers, job.status,
+             SELECT batch.job_id, claimed.claim_token, claimed.takeovers, claimed.cancel_requested, job.status,
                     coalesce(extract(epoch FROM now() - job.created_at), 0)::float8 AS age_secs,
                     coalesce(job.event, earlier.payload) AS event,
                     coalesce(job.event_routing_key, earlier.routing_key) AS event_routing_key
@@ -181,6 +188,7 @@ async fn try_claim_batch(
         let job_id: Uuid = row.try_get("", "job_id")?;
         let token: Option<Uuid> = row.try_get("", "claim_token")?;
         let takeovers: Option<i32> = row.try_get("", "takeovers")?;
+        let cancel_requested: Option<bool> = row.try_get("", "cancel_requested")?;
         let status: Option<String> = row.try_get("", "status")?;
         let age: f64 = row.try_get("", "age_secs")?;
         let claim = match (token, status.as_deref()) {
@@ -188,6 +196,7 @@ async fn try_claim_batch(
                 token,
                 takeovers: takeovers.unwrap_or(0).max(0) as u32,
                 age: Duration::try_from_secs_f64(age).unwrap_or_default(),
+                cancel_requested: cancel_requested.unwrap_or(false),
             },
             (None, Some("running") | None) => Claim::Busy,
             (None, Some(_)) => {

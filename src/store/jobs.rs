@@ -453,34 +453,59 @@ pub enum Cancel {
     /// The job was waiting for its delivery to come back (deferred, handed back): it ended
     /// now, failed with kind `cancelled`, its event in the outbox.
     Cancelled,
+    /// No worker has taken the job yet (its request is still in the queue): it is marked,
+    /// and ends with kind `cancelled`, without a call, when its delivery arrives.
+    Queued,
     /// The job had already finished (`status`): nothing changed.
     Finished { status: String },
-    /// No job has that id.
+    /// No job has that id (and `queued` was not asked).
     Unknown,
 }
 
 /// Cancels `job_id`, in one transaction: a job running on a worker is marked for that worker
 /// to cancel; a job waiting for its delivery (no worker holds it) is failed at once with kind
-/// `cancelled` and its event; a finished job is left alone. `entities`: the registered ones
+/// `cancelled` and its event; a finished job is left alone. A job id with no row is unknown,
+/// unless `queued` says its request is still in the queue: then a row marks it cancelled, and
+/// the worker that takes its delivery ends it without a call. `entities`: the registered ones
 /// (the event's routing key names the entity only when it is one of them).
 pub async fn cancel(
     db: &DatabaseConnection,
     job_id: Uuid,
+    queued: bool,
     entities: &[&'static str],
     who: &str,
 ) -> Result<Cancel, DbErr> {
     let txn = db.begin().await?;
     let row = txn
         .query_one_raw(stmt(
-            "SELECT status, entity, attempts, request, usage, claim_token IS NOT NULL AS held
+            "SELECT status, entity, attempts, request, usage, claim_token IS NOT NULL AS held,
+                    request = 'null'::jsonb AS undelivered
                FROM generation_job WHERE job_id = $1 FOR UPDATE",
             [job_id.into()],
         ))
         .await?;
-    let Some(row) = row else { return Ok(Cancel::Unknown) };
+    let Some(row) = row else {
+        if !queued {
+            return Ok(Cancel::Unknown);
+        }
+        // No request yet (JSON null) and no entity: the claim fills both in from the delivery.
+        txn.execute_raw(stmt(
+            "INSERT INTO generation_job (job_id, entity, status, attempts, request, cancel_requested_at)
+             VALUES ($1, '', 'running', 0, 'null'::jsonb, now())
+             ON CONFLICT (job_id) DO UPDATE SET cancel_requested_at = coalesce(generation_job.cancel_requested_at, now())
+              WHERE generation_job.status = 'running'",
+            [job_id.into()],
+        ))
+        .await?;
+        txn.commit().await?;
+        return Ok(Cancel::Queued);
+    };
     let status: String = row.try_get("", "status")?;
     if status != "running" {
         return Ok(Cancel::Finished { status });
+    }
+    if row.try_get::<bool>("", "undelivered")? {
+        return Ok(Cancel::Queued);
     }
     if row.try_get::<bool>("", "held")? {
         txn.execute_raw(stmt(

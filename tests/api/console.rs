@@ -81,6 +81,15 @@ async fn a_failed_jobs_attempts_show_each_answer_beside_what_was_wrong_with_it()
     assert_eq!(job["event_routing_key"], "job.failed.hero");
     assert_eq!(job["events"][0]["routing_key"], "job.failed.hero");
 
+    // Without a token, only a loopback name is answered (no DNS rebinding).
+    let rebound = reqwest::Client::new()
+        .get(format!("http://{}/api/jobs/{job_id}", app.http_addr))
+        .header(reqwest::header::HOST, "attacker.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), StatusCode::FORBIDDEN);
+
     let (status, page) = app.get(&format!("/jobs/{job_id}")).await;
     assert_eq!(status, 200);
     for shown in [

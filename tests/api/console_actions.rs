@@ -143,6 +143,10 @@ async fn every_failed_job_of_a_filter_is_replayed_at_once() {
     }
     let (status, error) = post(&app, "/api/jobs/replay?status=failed&limit=5000", json!({}), true).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+    assert!(error["error"].as_str().unwrap().starts_with("limit: must be a whole number from 1 to 1000"), "{error}");
+    let (status, answer) = post(&app, "/api/jobs/replay?status=succeeded&limit=1000", json!({}), true).await;
+    assert_eq!((status, answer["replayed"].as_array().map(Vec::len)), (StatusCode::ACCEPTED, Some(1)), "{answer}");
+    app.next_event().await;
     app.stop().await;
 }
 
@@ -191,7 +195,12 @@ async fn dead_letters_are_listed_with_their_reasons_moved_back_to_run_and_purged
     let garbage = letters.iter().find(|letter| letter["first_bytes"] == "<not json>").expect("the garbage");
     assert!(garbage["reason"].as_str().unwrap().starts_with("the body is not JSON: "), "{garbage}");
     assert_eq!(garbage["size"], 10);
-    assert_eq!(get_json(&app, "/api/dead-letters").await["total"], 2, "listing leaves them in the queue");
+    // Listing leaves them in the queue, and in their order, however often it is done (and never
+    // hands one back unacknowledged, which a quorum queue would count as a failed delivery).
+    for _ in 0..3 {
+        let again = get_json(&app, "/api/dead-letters").await;
+        assert_eq!(again["dead_letters"], listed["dead_letters"]);
+    }
 
     let (status, _) = post(&app, "/api/dead-letters/purge", json!({"all": true}), false).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -211,7 +220,7 @@ async fn dead_letters_are_listed_with_their_reasons_moved_back_to_run_and_purged
     let listed = get_json(&app, "/api/dead-letters").await;
     assert_eq!(listed["total"], 1, "{listed}");
     let (status, purged) = post(&app, "/api/dead-letters/purge", json!({"ids": [garbage["id"]]}), true).await;
-    assert_eq!((status, purged["purged"].clone()), (StatusCode::OK, json!([garbage["id"]])));
+    assert_eq!((status, purged), (StatusCode::OK, json!({"count": 1, "ids": [garbage["id"]]})));
     assert_eq!(app.message_count(&app.settings.broker.dead_letter_queue).await, 0);
     let (_, metrics) = app.get("/metrics").await;
     assert_eq!(
@@ -308,8 +317,9 @@ async fn instructd_jobs_replay_and_dlq_act_as_the_console_does() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("delivery_limit") && !stdout.contains('\u{1b}'), "{stdout:?}");
     assert!(stderr.contains("1 dead letter(s) in all"), "{stderr}");
-    let (code, stdout, _) = command(&app, &["dlq", "purge", "--all"]).await;
-    assert_eq!((code, stdout.trim()), (Some(0), "1 message(s)"));
+    let (code, _, stderr) = command(&app, &["dlq", "purge", "--all"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("1 dead letter(s) purged"), "{stderr}");
     assert_eq!(app.message_count(&app.settings.broker.dead_letter_queue).await, 0);
     app.stop().await;
 }
@@ -388,5 +398,54 @@ async fn a_job_waiting_for_its_delivery_cancelled_ends_at_once_and_its_delivery_
     assert_eq!((again.event.job_id, again.routing_key.as_str()), (job_id, "job.failed.hero"));
     assert_eq!(again.event.error, received.event.error);
     assert!(app.llm_requests().await.is_empty());
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_while_its_worker_let_go_of_it_ends_when_claimed_again_without_a_call() {
+    let mut app = spawn_console().await;
+    let request = request("hero", "Make a hero");
+    let job_id: Uuid = request["job_id"].as_str().unwrap().parse().unwrap();
+    // A cancel asked while a worker held it, which then deferred it (provider down): the mark
+    // stays on a row no worker holds.
+    app.db
+        .execute_unprepared(&format!(
+            "INSERT INTO generation_job (job_id, entity, status, attempts, request, cancel_requested_at)
+             VALUES ('{job_id}', 'hero', 'running', 0, '{}'::jsonb, now())",
+            request.to_string().replace('\'', "''")
+        ))
+        .await
+        .unwrap();
+
+    app.publish(&request).await;
+    let received = app.next_event().await;
+    assert_eq!((received.event.job_id, received.routing_key.as_str()), (job_id, "job.failed.hero"));
+    let error = received.event.error.unwrap();
+    assert_eq!(error.kind, instructd::contract::ErrorKind::Cancelled);
+    assert_eq!(error.message, "cancelled by an operator before its next model call");
+    assert!(app.llm_requests().await.is_empty(), "no call once it was cancelled");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_still_in_the_queue_cancelled_by_its_job_id_ends_when_it_arrives_without_a_call() {
+    let mut app = spawn_console().await;
+    let request = request("hero", "Make a hero");
+    let job_id: Uuid = request["job_id"].as_str().unwrap().parse().unwrap();
+
+    let (status, error) = post(&app, &format!("/api/jobs/{job_id}/cancel"), json!({}), true).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error["error"].as_str().unwrap().contains("queued=true"), "{error}");
+    let (status, cancel) = post(&app, &format!("/api/jobs/{job_id}/cancel?queued=true"), json!({}), true).await;
+    assert_eq!((status, cancel), (StatusCode::ACCEPTED, json!({"outcome": "queued"})));
+
+    app.publish(&request).await;
+    let received = app.next_event().await;
+    assert_eq!((received.event.job_id, received.routing_key.as_str()), (job_id, "job.failed.hero"));
+    assert_eq!(received.event.error.unwrap().kind, instructd::contract::ErrorKind::Cancelled);
+    assert!(app.llm_requests().await.is_empty());
+    let job = get_json(&app, &format!("/api/jobs/{job_id}")).await;
+    assert_eq!((job["entity"].as_str(), job["status"].as_str()), (Some("hero"), Some("failed")));
+    assert_eq!(job["request"], request, "the request, as it arrived");
     app.stop().await;
 }
