@@ -3,7 +3,7 @@
 //! error that names the key. Secrets are `SecretString`s and are redacted whenever the
 //! settings are printed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -34,7 +34,7 @@ pub struct Settings {
     pub retention: RetentionSettings,
     /// Where each secret came from (printed by `instructd config`; never the value).
     #[serde(skip)]
-    pub secret_sources: Vec<(&'static str, SecretSource)>,
+    pub secret_sources: Vec<(String, SecretSource)>,
 }
 
 /// Where a secret's value came from.
@@ -165,6 +165,53 @@ pub struct LlmSettings {
     /// Dollars a job may spend in all (every call, re-asks included), checked before each
     /// call: once spent, the job stops re-asking and fails with kind `llm`. 0: no budget.
     pub job_cost_budget_usd: f64,
+    /// Providers beside the one of `base_url` (`[llm.providers.<name>]`), each with the
+    /// models it serves; a model no provider lists goes to `base_url`.
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderSettings>,
+    /// The models a job tries, in order, when one gives up (its provider rejects the call or
+    /// stays unavailable past `fallback_after_secs`, or its re-asks run out). Empty: only the
+    /// job's model.
+    #[serde(default)]
+    pub fallback: Vec<String>,
+    /// `fallback` for one entity (`[llm.fallback_by_entity] invoice = ["…", "…"]`).
+    #[serde(default)]
+    pub fallback_by_entity: BTreeMap<String, Vec<String>>,
+    /// How long a job waits for an unavailable provider (its circuit open, every call rate
+    /// limited or failing) before it moves on to the next model of its fallback list.
+    pub fallback_after_secs: u64,
+}
+
+/// The name of the provider of `llm.base_url`, `llm.api_key` and the other `llm.*` keys.
+pub const DEFAULT_PROVIDER: &str = "default";
+
+/// A provider beside the default one: its endpoint, key and limits, and the models it serves.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSettings {
+    /// An OpenAI-compatible endpoint, like `llm.base_url`.
+    pub base_url: String,
+    #[serde(default = "no_secret", serialize_with = "redact_secret")]
+    pub api_key: SecretString,
+    /// A file holding the API key (wins over `api_key`); empty: none.
+    #[serde(default)]
+    pub api_key_file: String,
+    /// The models this provider serves (requests, `llm.model` and fallback lists name them).
+    pub models: Vec<String>,
+    /// `llm.request_timeout_secs` for this provider's calls; absent: that one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_timeout_secs: Option<u64>,
+    /// The most calls at once to this provider (its AIMD limit starts there); 0: as many as
+    /// the default provider's.
+    #[serde(default)]
+    pub max_concurrency: u32,
+    /// PEM file of the CA(s) that sign this provider's certificate; empty: the platform's.
+    #[serde(default)]
+    pub ca_file: String,
+}
+
+fn no_secret() -> SecretString {
+    SecretString::from("")
 }
 
 /// A model's price, in US dollars per million tokens, as providers list them.
@@ -207,9 +254,58 @@ impl LlmSettings {
         self.prices.iter().find(|price| price.model == model)
     }
 
-    /// Whether a request may name `model`.
+    /// Whether a request may name `model`: `model`, the allow-list, and every model a
+    /// fallback list or a provider names.
     pub fn allows_model(&self, model: &str) -> bool {
-        model == self.model || self.allowed_models.iter().any(|allowed| allowed == "*" || allowed == model)
+        self.named_models().any(|named| named == model) || self.allowed_models.iter().any(|allowed| allowed == "*")
+    }
+
+    /// Every model the settings name (with repeats): `model`, the allow-list (but `"*"`), the
+    /// fallback lists and the providers' models.
+    pub fn named_models(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(&self.model)
+            .chain(self.allowed_models.iter().filter(|model| *model != "*"))
+            .chain(&self.fallback)
+            .chain(self.fallback_by_entity.values().flatten())
+            .chain(self.providers.values().flat_map(|provider| &provider.models))
+            .map(String::as_str)
+    }
+
+    /// The models a job of `entity` tries, in order. A job that names no model starts at its
+    /// fallback list's first (`llm.model` when there is no list); one that names a model of
+    /// the list goes on from there; one that names a model off the list tries it alone.
+    pub fn models_for(&self, entity: &str, requested: Option<&str>) -> Vec<String> {
+        let list = self.fallback_by_entity.get(entity).unwrap_or(&self.fallback);
+        match requested {
+            None if list.is_empty() => vec![self.model.clone()],
+            None => list.clone(),
+            Some(model) => match list.iter().position(|listed| listed == model) {
+                Some(at) => list[at..].to_vec(),
+                None => vec![model.to_owned()],
+            },
+        }
+    }
+
+    /// The name of the provider that serves `model`.
+    pub fn provider_of(&self, model: &str) -> &str {
+        self.providers
+            .iter()
+            .find(|(_, provider)| provider.models.iter().any(|served| served == model))
+            .map_or(DEFAULT_PROVIDER, |(name, _)| name.as_str())
+    }
+
+    /// The settings a provider's client is built from: these, with the provider's endpoint,
+    /// key, timeout and CA.
+    pub fn for_provider(&self, provider: &ProviderSettings) -> LlmSettings {
+        LlmSettings {
+            base_url: provider.base_url.clone(),
+            api_key: provider.api_key.clone(),
+            api_key_file: String::new(),
+            request_timeout_secs: provider.request_timeout_secs.unwrap_or(self.request_timeout_secs),
+            ca_file: provider.ca_file.clone(),
+            providers: BTreeMap::new(),
+            ..self.clone()
+        }
     }
 }
 
@@ -446,11 +542,20 @@ impl Settings {
             &defaults.http.admin_token,
         )?;
         self.secret_sources = vec![
-            ("broker.url", broker),
-            ("database.url", database),
-            ("llm.api_key", api_key),
-            ("http.admin_token", if admin_token == SecretSource::Default { SecretSource::Unset } else { admin_token }),
+            ("broker.url".into(), broker),
+            ("database.url".into(), database),
+            ("llm.api_key".into(), api_key),
+            (
+                "http.admin_token".into(),
+                if admin_token == SecretSource::Default { SecretSource::Unset } else { admin_token },
+            ),
         ];
+        for (name, provider) in &mut self.llm.providers {
+            let key = format!("llm.providers.{name}.api_key");
+            let source = resolve_secret(&key, &mut provider.api_key, &provider.api_key_file, &no_secret())?;
+            let source = if source == SecretSource::Default { SecretSource::Unset } else { source };
+            self.secret_sources.push((key, source));
+        }
         Ok(())
     }
 
@@ -485,13 +590,84 @@ impl Settings {
             if llm.allowed_models.iter().any(|model| model == "*") {
                 bail!("llm.job_cost_budget_usd: cannot hold when llm.allowed_models allows any model (\"*\")");
             }
-            for model in std::iter::once(&llm.model).chain(&llm.allowed_models) {
+            for model in llm.named_models() {
                 if llm.price(model).is_none() {
                     bail!("llm.job_cost_budget_usd: model `{model}` has no price in llm.prices");
                 }
             }
         }
         Ok(())
+    }
+
+    /// Providers have a URL and models of their own; fallback lists name models once.
+    fn validate_providers(&self) -> anyhow::Result<()> {
+        let llm = &self.llm;
+        for (name, provider) in &llm.providers {
+            let key = format!("llm.providers.{name}");
+            if name == DEFAULT_PROVIDER {
+                bail!("{key}: `{DEFAULT_PROVIDER}` is the provider of llm.base_url; name this one otherwise");
+            }
+            let base =
+                url::Url::parse(&provider.base_url).map_err(|e| anyhow::anyhow!("{key}.base_url: not a URL ({e})"))?;
+            if !matches!(base.scheme(), "http" | "https") {
+                bail!("{key}.base_url: must be an http:// or https:// URL");
+            }
+            if provider.models.is_empty() {
+                bail!("{key}.models: must name at least one model");
+            }
+            for (index, model) in provider.models.iter().enumerate() {
+                if model.trim().is_empty() {
+                    bail!("{key}.models: must not hold an empty name");
+                }
+                if provider.models[..index].contains(model) {
+                    bail!("{key}.models: `{model}` is listed twice");
+                }
+                if let Some((other, _)) =
+                    llm.providers.range::<String, _>(..name).find(|(_, other)| other.models.contains(model))
+                {
+                    bail!("{key}.models: `{model}` is already served by llm.providers.{other}");
+                }
+            }
+            if provider.request_timeout_secs == Some(0) {
+                bail!("{key}.request_timeout_secs: must be at least 1");
+            }
+            if provider.request_timeout_secs.is_some_and(|secs| secs > llm.job_timeout_secs) {
+                bail!("{key}.request_timeout_secs: must be at most llm.job_timeout_secs");
+            }
+            if !provider.ca_file.is_empty() {
+                if !Path::new(&provider.ca_file).is_file() {
+                    bail!("{key}.ca_file: no such file");
+                }
+                if base.scheme() != "https" {
+                    bail!("{key}.ca_file: needs an https:// {key}.base_url");
+                }
+            }
+        }
+        let lists = std::iter::once(("llm.fallback".to_owned(), &llm.fallback)).chain(
+            llm.fallback_by_entity.iter().map(|(entity, list)| (format!("llm.fallback_by_entity.{entity}"), list)),
+        );
+        for (key, list) in lists {
+            for (index, model) in list.iter().enumerate() {
+                if model.trim().is_empty() {
+                    bail!("{key}: must not hold an empty name");
+                }
+                if list[..index].contains(model) {
+                    bail!("{key}: `{model}` is listed twice");
+                }
+            }
+        }
+        if llm.fallback_after_secs < 1 {
+            bail!("llm.fallback_after_secs: must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Every entity a fallback list is given for is one the application knows.
+    pub fn check_fallback_entities(&self, mut known: impl FnMut(&str) -> bool) -> anyhow::Result<()> {
+        match self.llm.fallback_by_entity.keys().find(|entity| !known(entity)) {
+            Some(entity) => bail!("llm.fallback_by_entity.{entity}: no such entity"),
+            None => Ok(()),
+        }
     }
 
     /// Range and consistency checks that types cannot express; each error names its key.
@@ -529,6 +705,7 @@ impl Settings {
         ensure(self.llm.max_response_bytes >= 1024, "llm.max_response_bytes", "must be at least 1024")?;
         ensure(self.llm.streams_per_connection >= 1, "llm.streams_per_connection", "must be at least 1")?;
         self.validate_prices()?;
+        self.validate_providers()?;
         ensure(self.limits.max_content_parts >= 1, "limits.max_content_parts", "must be at least 1")?;
         if let Some(scheme) =
             self.limits.image_url_schemes.iter().find(|scheme| !matches!(scheme.as_str(), "data" | "https" | "http"))
@@ -914,6 +1091,105 @@ mod tests {
         for path in [empty, key] {
             std::fs::remove_file(path).unwrap();
         }
+    }
+
+    /// Settings from a configuration file holding `toml`, and the environment `pairs`.
+    fn from_file(toml: &str, pairs: &[(&str, &str)]) -> anyhow::Result<Settings> {
+        let path = std::env::temp_dir().join(format!("instructd-config-{}.toml", uuid::Uuid::new_v4()));
+        std::fs::write(&path, toml).unwrap();
+        let settings = Settings::load_from(Some(&path), env(pairs));
+        std::fs::remove_file(path).unwrap();
+        settings
+    }
+
+    #[test]
+    fn providers_serve_their_models_and_fallback_lists_say_what_a_job_tries() {
+        let key = secret_file("sk-large-from-a-file\n");
+        let toml = format!(
+            r#"
+            [llm]
+            model = "small"
+            fallback = ["small", "medium", "large"]
+            [llm.fallback_by_entity]
+            invoice = ["large"]
+            [llm.providers.big]
+            base_url = "https://gateway.example.com/v1"
+            api_key_file = "{}"
+            models = ["large", "medium"]
+            "#,
+            key.display()
+        );
+        let settings = from_file(&toml, &[]).unwrap();
+        let llm = &settings.llm;
+        assert_eq!(llm.provider_of("large"), "big");
+        assert_eq!(llm.provider_of("small"), DEFAULT_PROVIDER);
+        assert_eq!(llm.for_provider(&llm.providers["big"]).api_key(), Some("sk-large-from-a-file"));
+        assert!(
+            llm.allows_model("medium") && llm.allows_model("large"),
+            "a provider's or a list's models may be named"
+        );
+        assert!(!llm.allows_model("other"));
+        assert_eq!(llm.models_for("hero", None), ["small", "medium", "large"]);
+        assert_eq!(llm.models_for("hero", Some("medium")), ["medium", "large"], "on from the named model");
+        assert_eq!(llm.models_for("invoice", None), ["large"], "the entity's own list");
+        assert_eq!(llm.models_for("invoice", Some("small")), ["small"], "a model off the list, alone");
+        let printed = settings.to_redacted_toml();
+        assert!(printed.contains(&format!("#   llm.providers.big.api_key: file {}", key.display())), "{printed}");
+        assert!(!printed.contains("sk-large-from"), "{printed}");
+        // Without a list, a job tries its own model.
+        let plain = Settings::load_from(None, env(&[("INSTRUCTD__LLM__MODEL", "small")])).unwrap();
+        assert_eq!(plain.llm.models_for("hero", None), ["small"]);
+        assert_eq!(plain.llm.models_for("hero", Some("other")), ["other"]);
+        std::fs::remove_file(key).unwrap();
+    }
+
+    #[test]
+    fn a_wrong_provider_or_fallback_list_names_its_key() {
+        let provider = |body: &str| format!("[llm.providers.big]\n{body}");
+        let cases = [
+            (provider(r#"base_url = "ftp://x"
+                models = ["m"]"#), "llm.providers.big.base_url: must be an http:// or https:// URL"),
+            (provider(r#"base_url = "https://x/v1"
+                models = []"#), "llm.providers.big.models: must name at least one model"),
+            (provider(r#"base_url = "https://x/v1"
+                models = ["m", "m"]"#), "llm.providers.big.models: `m` is listed twice"),
+            (provider(r#"base_url = "https://x/v1"
+                models = ["m"]
+                request_timeout_secs = 0"#), "llm.providers.big.request_timeout_secs: must be at least 1"),
+            (provider(r#"base_url = "https://x/v1"
+                models = ["m"]
+                api_key = "sk-a"
+                api_key_file = "/x""#), "set either llm.providers.big.api_key or llm.providers.big.api_key_file"),
+            (
+                r#"[llm.providers.default]
+                base_url = "https://x/v1"
+                models = ["m"]"#.to_owned(),
+                "llm.providers.default: `default` is the provider of llm.base_url",
+            ),
+            (
+                r#"[llm.providers.a]
+                base_url = "https://x/v1"
+                models = ["m"]
+                [llm.providers.b]
+                base_url = "https://y/v1"
+                models = ["m"]"#.to_owned(),
+                "llm.providers.b.models: `m` is already served by llm.providers.a",
+            ),
+            ("[llm]\nfallback = [\"a\", \"a\"]".to_owned(), "llm.fallback: `a` is listed twice"),
+            ("[llm.fallback_by_entity]\nhero = [\"\"]".to_owned(), "llm.fallback_by_entity.hero: must not hold an empty name"),
+            ("[llm]\nfallback_after_secs = 0".to_owned(), "llm.fallback_after_secs: must be at least 1"),
+            (
+                "[llm]\njob_cost_budget_usd = 1\nfallback = [\"gpt-4o-mini\", \"unpriced\"]\n[[llm.prices]]\nmodel = \"gpt-4o-mini\"\ninput_per_million = 1\noutput_per_million = 1".to_owned(),
+                "llm.job_cost_budget_usd: model `unpriced` has no price",
+            ),
+        ];
+        for (toml, expected) in cases {
+            let err = from_file(&toml, &[]).unwrap_err();
+            assert!(format!("{err:#}").contains(expected), "{toml}\n→ {err:#}");
+        }
+        let settings = from_file("[llm.fallback_by_entity]\nnot_an_entity = [\"m\"]", &[]).unwrap();
+        let err = settings.check_fallback_entities(|entity| entity == "hero").unwrap_err();
+        assert_eq!(err.to_string(), "llm.fallback_by_entity.not_an_entity: no such entity");
     }
 
     #[test]

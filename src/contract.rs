@@ -305,6 +305,13 @@ pub struct CompletionEvent {
     pub record: Option<Value>,
     pub attempts: u32,
     pub usage: Usage,
+    /// The models the job's calls went to, in the order they were first tried (more than one
+    /// when it fell back; `llm.fallback`); absent when no call was made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+    /// The model whose answer was stored; absent when the job failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     pub error: Option<JobError>,
     pub metadata: Value,
     pub finished_at: DateTime<Utc>,

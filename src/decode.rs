@@ -25,7 +25,8 @@ pub struct Job {
     /// The request as received, kept on the job row.
     pub raw: Box<RawValue>,
     pub metadata: Value,
-    pub model: String,
+    /// The models to try, in order ([`crate::config::LlmSettings::models_for`]).
+    pub models: Vec<String>,
     pub max_retries: u32,
     pub mode: crate::contract::Mode,
     pub correlation_id: String,
@@ -199,7 +200,7 @@ pub fn decode(
         id: job_id,
         assigned_id: request.job_id.is_none() && message_id.is_none(),
         kind,
-        model: request.model.clone().unwrap_or_else(|| settings.llm.model.clone()),
+        models: settings.llm.models_for(&request.entity, request.model.as_deref()),
         // The request may ask for fewer re-asks than the cap, never more.
         max_retries: request.max_retries.unwrap_or(settings.llm.default_max_retries).min(settings.llm.max_retries),
         mode: request.mode.unwrap_or(settings.llm.mode),

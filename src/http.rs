@@ -20,7 +20,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::llm::LlmClient;
+use crate::llm::Providers;
 use crate::llm::circuit::CircuitState;
 use crate::metrics::Metrics;
 use crate::presence::{DbState, Presence};
@@ -32,8 +32,8 @@ pub struct Health {
     max_disconnected: Duration,
     /// The database, as the heartbeat found it.
     presence: Presence,
-    /// The provider's circuit.
-    llm: LlmClient,
+    /// The providers' circuits.
+    llm: Providers,
     /// Cancelled when the daemon stops taking jobs.
     draining: CancellationToken,
     metrics: Metrics,
@@ -54,7 +54,11 @@ enum Link {
 pub struct Readiness {
     pub broker: bool,
     pub database: DbState,
+    /// The best of the providers' circuits: work goes on while one of them takes calls
+    /// (the others' models fall back to it, or wait).
     pub llm: CircuitState,
+    /// Each provider's circuit (`default` first).
+    pub providers: Vec<(String, CircuitState)>,
     pub draining: bool,
 }
 
@@ -69,7 +73,7 @@ impl Readiness {
 impl Health {
     pub fn new(
         presence: Presence,
-        llm: LlmClient,
+        llm: Providers,
         max_disconnected: Duration,
         draining: CancellationToken,
         metrics: Metrics,
@@ -108,12 +112,23 @@ impl Health {
         let readiness = Readiness {
             broker: matches!(self.link(), Link::Connected),
             database: self.presence.state(),
-            llm: self.llm.circuit_state(),
+            llm: best(self.llm.circuits().into_iter().map(|(_, state)| state)),
+            providers: self.llm.circuits().into_iter().map(|(name, state)| (name.to_owned(), state)).collect(),
             draining: self.draining.is_cancelled(),
         };
         self.metrics.ready(readiness.ready());
         readiness
     }
+}
+
+/// The circuit that lets the most through: closed, else half-open, else open.
+fn best(states: impl Iterator<Item = CircuitState>) -> CircuitState {
+    let rank = |state: &CircuitState| match state {
+        CircuitState::Closed => 0,
+        CircuitState::HalfOpen => 1,
+        CircuitState::Open => 2,
+    };
+    states.min_by_key(rank).unwrap_or(CircuitState::Closed)
 }
 
 #[derive(Clone)]
@@ -165,6 +180,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         "broker": if checks.broker { "up" } else { "down" },
         "database": checks.database.describe(),
         "llm": checks.llm.as_str(),
+        "providers": checks.providers.iter().map(|(name, state)| (name.clone(), state.as_str().into())).collect::<serde_json::Map<_, _>>(),
         "draining": checks.draining,
     });
     (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()

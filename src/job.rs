@@ -35,9 +35,22 @@ pub struct CallTrace {
     pub usage: Usage,
     /// Every raw response, in order.
     pub responses: Vec<Value>,
-    /// Every call, in order: the `n`th call's answer is `responses[n]`, but for a call that
-    /// failed without one (it is then the last).
+    /// Every call, in order: each answered call (with `usage`) has the next of `responses`;
+    /// a call that failed without an answer has none.
     pub calls: Vec<Call>,
+}
+
+impl CallTrace {
+    /// The models the calls went to, each once, in the order first called.
+    pub fn models(&self) -> Vec<String> {
+        let mut models: Vec<String> = Vec::new();
+        for call in &self.calls {
+            if !models.contains(&call.model) {
+                models.push(call.model.clone());
+            }
+        }
+        models
+    }
 }
 
 /// One call of a job to the model, as the job row keeps it (`generation_job.calls`) and the
@@ -45,6 +58,8 @@ pub struct CallTrace {
 #[derive(Debug, Clone, Serialize)]
 pub struct Call {
     pub model: String,
+    /// The provider that served `model` (`default`: `llm.base_url`'s).
+    pub provider: String,
     pub started_at: DateTime<Utc>,
     /// From the request to the answer, transport retries and waits for a slot included.
     pub duration_ms: u64,

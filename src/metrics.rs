@@ -27,6 +27,7 @@ pub const LLM_TOKENS: &str = "instructd_llm_tokens_total";
 pub const LLM_COST: &str = "instructd_llm_cost_microdollars_total";
 pub const LLM_CIRCUIT_OPEN: &str = "instructd_llm_circuit_open";
 pub const REASKS: &str = "instructd_reasks_total";
+pub const LLM_FALLBACKS: &str = "instructd_llm_fallbacks_total";
 pub const DEAD_LETTERS: &str = "instructd_dead_letters_total";
 pub const OUTBOX_PENDING: &str = "instructd_outbox_pending";
 pub const EVENTS_PUBLISHED: &str = "instructd_events_published_total";
@@ -51,6 +52,7 @@ pub const ALL: &[&str] = &[
     LLM_COST,
     LLM_CIRCUIT_OPEN,
     REASKS,
+    LLM_FALLBACKS,
     DEAD_LETTERS,
     OUTBOX_PENDING,
     EVENTS_PUBLISHED,
@@ -163,6 +165,8 @@ pub struct Metrics(Arc<Inner>);
 
 struct Inner {
     handle: PrometheusHandle,
+    /// Registers the series made after start-up (a provider's, when its client is built).
+    registrar: Registrar,
     jobs: HashMap<(&'static str, &'static str), Counter>,
     job_duration: HashMap<(&'static str, &'static str), Histogram>,
     jobs_in_flight: Gauge,
@@ -176,18 +180,34 @@ struct Inner {
     /// millionths, and the nano-dollars counted so far (so that calls cheaper than a millionth
     /// still add up).
     cost: HashMap<(String, &'static str), (Counter, AtomicU64)>,
-    circuit_open: Gauge,
     reasks: HashMap<&'static str, Counter>,
+    fallbacks: HashMap<&'static str, Counter>,
     dead_letters: Counter,
     outbox_pending: Gauge,
     events_published: Counter,
     events_abandoned: Counter,
     rows_pruned: HashMap<&'static str, Counter>,
-    llm_concurrency_limit: Gauge,
     broker_connected: Gauge,
     database_writable: Gauge,
     ready: Gauge,
     console_actions: HashMap<Action, Counter>,
+}
+
+/// One provider's gauges ([`Metrics::llm_provider`]).
+#[derive(Clone)]
+pub struct ProviderMetrics {
+    circuit_open: Gauge,
+    concurrency_limit: Gauge,
+}
+
+impl ProviderMetrics {
+    pub fn circuit_open(&self, open: bool) {
+        self.circuit_open.set(if open { 1.0 } else { 0.0 });
+    }
+
+    pub fn concurrency_limit(&self, limit: usize) {
+        self.concurrency_limit.set(limit as f64);
+    }
 }
 
 /// Registers series on one recorder.
@@ -258,6 +278,7 @@ impl Metrics {
         let mut jobs = HashMap::new();
         let mut job_duration = HashMap::new();
         let mut reasks = HashMap::new();
+        let mut fallbacks = HashMap::new();
         for &entity in &entities {
             for &outcome in &outcomes {
                 let labels = [("entity", entity), ("outcome", outcome)];
@@ -265,6 +286,7 @@ impl Metrics {
                 job_duration.insert((entity, outcome), r.histogram(JOB_DURATION, &labels));
             }
             reasks.insert(entity, r.counter(REASKS, &[("entity", entity)]));
+            fallbacks.insert(entity, r.counter(LLM_FALLBACKS, &[("entity", entity)]));
         }
         let mut cost = HashMap::new();
         for model in models {
@@ -291,14 +313,13 @@ impl Metrics {
             prompt_tokens: r.counter(LLM_TOKENS, &[("kind", "prompt")]),
             completion_tokens: r.counter(LLM_TOKENS, &[("kind", "completion")]),
             cost,
-            circuit_open: r.gauge(LLM_CIRCUIT_OPEN, &[]),
             reasks,
+            fallbacks,
             dead_letters: r.counter(DEAD_LETTERS, &[]),
             outbox_pending: r.gauge(OUTBOX_PENDING, &[]),
             events_published: r.counter(EVENTS_PUBLISHED, &[]),
             events_abandoned: r.counter(EVENTS_ABANDONED, &[]),
             rows_pruned: PRUNED_TABLES.into_iter().map(|t| (t, r.counter(ROWS_PRUNED, &[("table", t)]))).collect(),
-            llm_concurrency_limit: r.gauge(LLM_CONCURRENCY_LIMIT, &[]),
             broker_connected: r.gauge(BROKER_CONNECTED, &[]),
             database_writable: r.gauge(DATABASE_WRITABLE, &[]),
             ready: r.gauge(READY, &[]),
@@ -307,6 +328,7 @@ impl Metrics {
                 .map(|action| (action, r.counter(CONSOLE_ACTIONS, &[("action", action.as_str())])))
                 .collect(),
             handle,
+            registrar: r,
         };
         Self(Arc::new(inner))
     }
@@ -378,8 +400,20 @@ impl Metrics {
         self.0.console_actions[&action].increment(count);
     }
 
-    pub fn circuit_open(&self, open: bool) {
-        self.0.circuit_open.set(if open { 1.0 } else { 0.0 });
+    /// The series of one provider (`provider` label): its circuit and its concurrency limit.
+    pub fn llm_provider(&self, provider: &str) -> ProviderMetrics {
+        let gauge = |name: &'static str| {
+            let key = Key::from_parts(name, vec![Label::new("provider", provider.to_owned())]);
+            let gauge = self.0.registrar.0.register_gauge(&key, &metadata());
+            gauge.set(0.0);
+            gauge
+        };
+        ProviderMetrics { circuit_open: gauge(LLM_CIRCUIT_OPEN), concurrency_limit: gauge(LLM_CONCURRENCY_LIMIT) }
+    }
+
+    /// A job moved on from a model that gave up to the next of its fallback list.
+    pub fn fallback(&self, entity: &str) {
+        self.0.fallbacks[self.entity_label(entity)].increment(1);
     }
 
     pub fn reask(&self, entity: &str) {
@@ -404,10 +438,6 @@ impl Metrics {
 
     pub fn outbox_pending(&self, count: u64) {
         self.0.outbox_pending.set(count as f64);
-    }
-
-    pub fn llm_concurrency_limit(&self, limit: usize) {
-        self.0.llm_concurrency_limit.set(limit as f64);
     }
 
     pub fn broker_connected(&self, connected: bool) {
@@ -462,10 +492,18 @@ fn describe(r: &Registrar) {
     r.describe(
         LLM_CIRCUIT_OPEN,
         None,
-        "1 while the provider's circuit is open (calls paused after repeated transport failures), else 0.",
+        "1 while a provider's circuit is open (calls paused after repeated transport failures), else 0; by provider \
+         (`default` for llm.base_url, else its name in llm.providers).",
         Gauge,
     );
     r.describe(REASKS, None, "Answers that failed validation and were re-asked, by entity.", Counter);
+    r.describe(
+        LLM_FALLBACKS,
+        None,
+        "Jobs that moved on from a model that gave up to the next of their fallback list (llm.fallback), by \
+         entity.",
+        Counter,
+    );
     r.describe(DEAD_LETTERS, None, "Request messages moved to the dead-letter queue.", Counter);
     r.describe(OUTBOX_PENDING, None, "Completion events committed but not yet confirmed by the broker.", Gauge);
     r.describe(EVENTS_PUBLISHED, None, "Completion events confirmed by the broker.", Counter);
@@ -476,7 +514,12 @@ fn describe(r: &Registrar) {
         Counter,
     );
     r.describe(ROWS_PRUNED, None, "Rows deleted by retention, by table.", Counter);
-    r.describe(LLM_CONCURRENCY_LIMIT, None, "Current limit on concurrent calls to the LLM provider.", Gauge);
+    r.describe(
+        LLM_CONCURRENCY_LIMIT,
+        None,
+        "Current limit on concurrent calls to an LLM provider, by provider.",
+        Gauge,
+    );
     r.describe(BROKER_CONNECTED, None, "1 while the daemon has a working RabbitMQ session, else 0.", Gauge);
     r.describe(
         DATABASE_WRITABLE,

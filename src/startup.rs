@@ -32,7 +32,7 @@ use crate::config::{Settings, redacted_url};
 use crate::console::Console;
 use crate::console::access::Access;
 use crate::http::Health;
-use crate::llm::LlmClient;
+use crate::llm::Providers;
 use crate::llm::modes::Strategies;
 use crate::metrics::Metrics;
 use crate::presence::{DbState, Presence};
@@ -161,7 +161,8 @@ impl Application {
             settings.llm.prices.iter().map(|price| price.model.as_str()).filter(|model| *model != settings.llm.model),
         );
         let metrics = Metrics::new(registry.names(), models);
-        let llm = LlmClient::new(&settings.llm, settings.llm_max_concurrency(), metrics.clone())?;
+        settings.check_fallback_entities(|entity| registry.get(entity).is_some())?;
+        let llm = Providers::new(&settings, metrics.clone())?;
         let presence = Presence::new(metrics.clone());
         let store = Store::new(
             db,

@@ -32,7 +32,7 @@ use crate::decode::{Job, Rejection, decode};
 use crate::entities::Registry;
 use crate::job::{CallTrace, JobRecord, OutboxEvent};
 use crate::llm::modes::Strategies;
-use crate::llm::{self, LlmClient, generate::Prompt};
+use crate::llm::{self, Providers, generate::Prompt};
 use crate::metrics::{DeferReason, Metrics};
 use crate::relay::{self, Undelivered};
 use crate::store::outcomes::reannouncement;
@@ -44,7 +44,7 @@ pub struct Worker {
     pub settings: Arc<Settings>,
     pub registry: Registry,
     pub store: Store,
-    pub llm: LlmClient,
+    pub llm: Providers,
     /// How each entity is asked for in each mode.
     pub strategies: Strategies,
     pub metrics: Metrics,
@@ -167,7 +167,7 @@ impl Worker {
         settings: Arc<Settings>,
         registry: Registry,
         store: Store,
-        llm: LlmClient,
+        llm: Providers,
         strategies: Strategies,
         metrics: Metrics,
     ) -> Self {
@@ -308,7 +308,7 @@ impl Worker {
         let prompt = Prompt {
             kind: job.kind.as_ref(),
             messages: &job.request.messages,
-            model: &job.model,
+            models: &job.models,
             strategy: self.strategies.get(job.kind.name(), job.mode),
             max_retries: job.max_retries,
             deadline: started + Duration::from_secs(self.settings.llm.job_timeout_secs),

@@ -178,7 +178,14 @@ pub async fn overview(State(console): State<Console>) -> Response {
             dt { "In flight" } dd { a href="/jobs?status=running" { (running) " running" } }
             dt { "Broker" } dd { @if readiness.broker { "connected" } @else { "disconnected" } }
             dt { "Database" } dd { (readiness.database.describe()) }
-            dt { "Provider circuit" } dd { (readiness.llm.as_str()) }
+            @if readiness.providers.len() == 1 {
+                dt { "Provider circuit" } dd { (readiness.llm.as_str()) }
+            } @else {
+                dt { "Provider circuits" }
+                dd { @for (index, (name, state)) in readiness.providers.iter().enumerate() {
+                    @if index > 0 { ", " } (name) ": " (state.as_str())
+                } }
+            }
             dt { "Events waiting" } dd { (pending) " in the outbox" }
             dt { "Dead letters" } dd #dead-letter-count { (dead_letters) }
             @if readiness.draining { dt { "Draining" } dd { "shutting down: taking no new jobs" } }
@@ -495,6 +502,7 @@ fn attempt(view: &CallView, job: &JobDetail) -> Markup {
             b { "Attempt " (view.n) }
             span.muted {
                 @if let Some(model) = call.get("model").and_then(Value::as_str) { " · " (model) }
+                @if let Some(provider) = call.get("provider").and_then(Value::as_str) { " at " (provider) }
                 @if let Some(ms) = call.get("duration_ms") { " · " (ms) " ms" }
                 @if let Some(usage) = call.get("usage") {
                     " · " (usage["prompt_tokens"]) " in, " (usage["completion_tokens"]) " out"

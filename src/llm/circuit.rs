@@ -18,7 +18,7 @@ use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::metrics::Metrics;
+use crate::metrics::ProviderMetrics;
 
 /// The circuit's state, as `/readyz` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +45,7 @@ pub struct Circuit {
     threshold: u32,
     min_open: Duration,
     max_open: Duration,
-    metrics: Metrics,
+    metrics: ProviderMetrics,
 }
 
 #[derive(Debug)]
@@ -79,7 +79,7 @@ fn periods(min_open: Duration, max_open: Duration) -> ExponentialBackoff {
 }
 
 impl Circuit {
-    pub fn new(threshold: u32, min_open: Duration, max_open: Duration, metrics: Metrics) -> Arc<Self> {
+    pub fn new(threshold: u32, min_open: Duration, max_open: Duration, metrics: ProviderMetrics) -> Arc<Self> {
         metrics.circuit_open(false);
         Arc::new(Self {
             inner: Mutex::new(Inner { state: State::Closed, failures: 0, open_periods: periods(min_open, max_open) }),
@@ -222,9 +222,10 @@ impl Drop for Ticket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
 
     fn circuit() -> Arc<Circuit> {
-        Circuit::new(3, Duration::from_secs(1), Duration::from_secs(4), Metrics::new([], []))
+        Circuit::new(3, Duration::from_secs(1), Duration::from_secs(4), Metrics::new([], []).llm_provider("default"))
     }
 
     fn later(secs: u64) -> Instant {

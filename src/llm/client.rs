@@ -106,7 +106,13 @@ impl LlmClient {
     /// Builds the client from settings alone: nothing is read from the environment behind
     /// our back (async-openai's `OpenAIConfig::new()` would read `OPENAI_*` variables).
     /// `max_concurrency` bounds concurrent calls (the adaptive limit starts there).
-    pub fn new(settings: &LlmSettings, max_concurrency: usize, metrics: Metrics) -> anyhow::Result<Self> {
+    /// `provider` names it in the metrics (`default` for `llm.base_url`).
+    pub fn new(
+        settings: &LlmSettings,
+        provider: &str,
+        max_concurrency: usize,
+        metrics: Metrics,
+    ) -> anyhow::Result<Self> {
         let http = http_clients(settings, max_concurrency)?;
         let url = format!("{}/chat/completions", settings.base_url.trim_end_matches('/'));
         let url = reqwest::Url::parse(&url).with_context(|| format!("llm.base_url: not a URL: {url}"))?;
@@ -120,11 +126,12 @@ impl LlmClient {
             }
             None => None,
         };
+        let gauges = metrics.llm_provider(provider);
         let circuit = Circuit::new(
             settings.circuit_failures,
             Duration::from_secs(settings.circuit_min_open_secs),
             Duration::from_secs(settings.circuit_max_open_secs),
-            metrics.clone(),
+            gauges.clone(),
         );
         Ok(Self {
             http,
@@ -133,7 +140,7 @@ impl LlmClient {
             authorization,
             max_body: settings.max_response_bytes,
             policy: RetryPolicy::from_settings(settings),
-            limit: AdaptiveLimit::new(max_concurrency, metrics.clone()),
+            limit: AdaptiveLimit::new(max_concurrency, gauges),
             circuit,
             request_timeout: Duration::from_secs(settings.request_timeout_secs),
             api_key,
@@ -159,18 +166,26 @@ impl LlmClient {
     /// [`CallError::Unavailable`] when time ran out while the provider was down (or rate
     /// limiting, or the delivery's hold ended first); with [`CallError::DeadlineExceeded`]
     /// when it ran out while the provider answered others but kept failing this call.
+    ///
+    /// `patience`, when given, bounds the waiting alone (for an open circuit, between
+    /// retries), not a call under way: past it the provider counts as unavailable, and
+    /// [`CallError::Unavailable`] lets the job fall back to another model.
     pub async fn complete(
         &self,
         request: &CreateChatCompletionRequest,
         deadline: Instant,
         hold: Instant,
+        patience: Option<Instant>,
     ) -> Result<Completion, CallError> {
         let end = deadline.min(hold);
+        // Waiting ends at the patience too; it then counts as the delivery's hold running out.
+        let hold = patience.map_or(hold, |patience| hold.min(patience));
+        let wait_end = deadline.min(hold);
         let mut delays = self.policy.delays();
         let mut attempts = 0u32;
         let mut last: Option<TransportError> = None;
         loop {
-            let Some(ticket) = self.circuit.admit(end).await else {
+            let Some(ticket) = self.circuit.admit(wait_end).await else {
                 return Err(self.out_of_time(deadline, hold, attempts, last));
             };
             let error = match self.call_once(request, end).await {
@@ -196,7 +211,7 @@ impl LlmClient {
             attempts += 1;
             let planned = delays.next().unwrap_or(self.request_timeout);
             let wait = self.policy.wait_after(&error, planned);
-            if Instant::now() + wait >= end {
+            if Instant::now() + wait >= wait_end {
                 return Err(self.out_of_time(deadline, hold, attempts, Some(error)));
             }
             tracing::warn!(error = %self.describe(&error.to_string()), ?wait, "LLM call failed; retrying");

@@ -3,12 +3,15 @@
 //! answer and what was wrong with it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use async_openai::types::chat::ChatCompletionRequestMessage;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{CallError, LlmClient};
+use super::client::{CallError, Completion, LlmClient};
 use super::modes::Strategy;
+use super::providers::Providers;
 use super::tools::{Answer, to_openai_messages};
 use crate::config::{LlmSettings, ReaskHistory};
 use crate::contract::{ChatMessage, ErrorKind, JobError};
@@ -19,10 +22,11 @@ use crate::job::{Call, CallTrace};
 pub struct Prompt<'a> {
     pub kind: &'a dyn EntityKind,
     pub messages: &'a [ChatMessage],
-    pub model: &'a str,
+    /// The models to try, in order (`LlmSettings::models_for`): never empty.
+    pub models: &'a [String],
     /// How the schema is sent (the job's mode).
     pub strategy: &'a Strategy,
-    /// Re-asks allowed after the first answer.
+    /// Re-asks allowed after the first answer, for each model.
     pub max_retries: u32,
     /// When the whole job (calls, re-asks, waits) must be over.
     pub deadline: Instant,
@@ -45,166 +49,266 @@ pub struct Generation {
 #[error("{0}")]
 pub struct ProviderUnavailable(pub String);
 
-/// Asks the model for one `prompt.kind` and validates the answer, re-asking with the
-/// validation error up to `prompt.max_retries` times. An answer cut off at the token limit
-/// (`finish_reason: length`) is re-asked once with a note, outside that budget; a second one
-/// fails the job with kind `llm`.
+/// How one model's turn ended.
+enum Turn {
+    /// The job is over: a record, or a failure no other model would mend (a refusal, a
+    /// spent budget, a cancel, the job's deadline).
+    Over(Result<Arc<dyn Record>, JobError>),
+    /// This model gave up (its re-asks ran out, its provider rejected the call, …): the next
+    /// model, if there is one, takes over.
+    GaveUp(JobError),
+    /// Its provider stayed unavailable (past `llm.fallback_after_secs` when a model follows).
+    Unavailable(String),
+}
+
+/// The conversation and what the job has spent, carried from one model to the next.
+struct Job<'p, 'a> {
+    prompt: &'p Prompt<'a>,
+    settings: &'p LlmSettings,
+    trace: CallTrace,
+    messages: Vec<ChatCompletionRequestMessage>,
+    last_failure: Option<String>,
+}
+
+/// Asks the job's models in turn for one `prompt.kind`, validating each answer and re-asking
+/// with the validation error up to `prompt.max_retries` times per model. An answer cut off at
+/// the token limit (`finish_reason: length`) is re-asked once with a note, outside that
+/// budget; a second one ends the model's turn. When a model gives up (see [`Turn::GaveUp`]),
+/// the next one goes on with the conversation so far; when the last one gives up, the job
+/// fails with its error, the others' named in the message.
 ///
-/// Fails only with [`ProviderUnavailable`]: every other way a job can end is a [`Generation`].
+/// Fails only with [`ProviderUnavailable`] (the last model's provider stayed unavailable):
+/// every other way a job can end is a [`Generation`].
 pub async fn generate(
-    client: &LlmClient,
+    providers: &Providers,
     settings: &LlmSettings,
     prompt: Prompt<'_>,
 ) -> Result<Generation, ProviderUnavailable> {
-    let mut trace = CallTrace::default();
     let strategy = prompt.strategy;
     // The conversation lives in the request while the call is out (a job waits on its model
     // with one copy of it, not three); it is built again for a re-ask that starts over.
-    let start = || strategy.conversation(to_openai_messages(prompt.messages));
-    let mut messages = start();
-    let mut reasks = 0;
-    let mut cut_off = false;
-    let mut last_failure: Option<String> = None;
-    let price = settings.price(prompt.model);
-    let last_error = loop {
-        if prompt.cancelled.is_cancelled() {
-            return Ok(Generation { outcome: Err(cancelled(CANCELLED_WAITING)), trace });
+    let messages = strategy.conversation(to_openai_messages(prompt.messages));
+    let mut job = Job { prompt: &prompt, settings, trace: CallTrace::default(), messages, last_failure: None };
+    let mut given_up: Vec<String> = Vec::new();
+    for (index, model) in prompt.models.iter().enumerate() {
+        let (provider, client) = providers.for_model(model);
+        let next = prompt.models.get(index + 1);
+        // With a model to fall back on, an unavailable provider is waited for only so long.
+        let patience = next.map(|_| Duration::from_secs(settings.fallback_after_secs));
+        let turn = job.turn(client, model, provider, patience).await;
+        let (error, unavailable) = match turn {
+            Turn::Over(outcome) => return Ok(Generation { outcome, trace: job.trace }),
+            Turn::GaveUp(error) => (error, None),
+            Turn::Unavailable(last) => {
+                let error =
+                    JobError::new(ErrorKind::Llm, format!("the provider `{provider}` stayed unavailable ({last})"));
+                (error, Some(last))
+            }
+        };
+        let Some(next) = next else {
+            if let Some(last) = unavailable {
+                return Err(ProviderUnavailable(last));
+            }
+            if given_up.is_empty() {
+                return Ok(Generation { outcome: Err(error), trace: job.trace });
+            }
+            given_up.push(format!("{model}: {}", error.message));
+            let message = format!("every model failed: {}", given_up.join("; "));
+            return Ok(Generation { outcome: Err(JobError::new(error.kind, message)), trace: job.trace });
+        };
+        tracing::warn!(%model, %next, error = %error.message, "the model gave up; falling back to the next");
+        providers.metrics().fallback(prompt.kind.name());
+        given_up.push(format!("{model}: {}", error.message));
+    }
+    unreachable!("a job has at least one model")
+}
+
+impl Job<'_, '_> {
+    /// One model's turn: its first call and its re-asks.
+    /// `patience`: how long each call may wait for an unavailable provider (none: as long
+    /// as the job's deadline and the delivery's hold allow).
+    async fn turn(&mut self, client: &LlmClient, model: &str, provider: &str, patience: Option<Duration>) -> Turn {
+        let (prompt, settings) = (self.prompt, self.settings);
+        let strategy = prompt.strategy;
+        let start = || strategy.conversation(to_openai_messages(prompt.messages));
+        let (mut attempts, mut reasks) = (0, 0);
+        let mut cut_off = false;
+        let price = settings.price(model);
+        loop {
+            if prompt.cancelled.is_cancelled() {
+                return Turn::Over(Err(cancelled(CANCELLED_WAITING)));
+            }
+            if let Some(spent) = self.budget_spent() {
+                return Turn::Over(Err(spent));
+            }
+            let max_tokens = self.max_tokens();
+            self.trace.attempts += 1;
+            attempts += 1;
+            tracing::Span::current().record("attempt", self.trace.attempts);
+            let request = strategy.request(model, std::mem::take(&mut self.messages), max_tokens, settings.temperature);
+            let (started_at, started) = (chrono::Utc::now(), Instant::now());
+            let called = tokio::select! {
+                called = client.complete(&request, prompt.deadline, prompt.hold, patience.map(|p| started + p)) => Some(called),
+                // The call in flight is dropped.
+                _ = prompt.cancelled.cancelled() => None,
+            };
+            self.messages = request.messages;
+            let mut call = Call {
+                model: model.to_owned(),
+                provider: provider.to_owned(),
+                started_at,
+                duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                usage: None,
+                finish_reason: None,
+                error: None,
+            };
+            let Some(called) = called else {
+                let failure = cancelled(CANCELLED_CALLING);
+                call.error = Some(failure.clone());
+                self.trace.calls.push(call);
+                return Turn::Over(Err(failure));
+            };
+            let completion = match called {
+                Ok(completion) => completion,
+                Err(CallError::Unavailable { last }) => {
+                    let message = format!("the provider `{provider}` stayed unavailable ({last})");
+                    call.error = Some(JobError::new(ErrorKind::Llm, message));
+                    self.trace.calls.push(call);
+                    return Turn::Unavailable(last);
+                }
+                Err(error) => {
+                    let deadline = matches!(error, CallError::DeadlineExceeded { .. });
+                    let failure = JobError::new(ErrorKind::Llm, error.to_string());
+                    call.error = Some(failure.clone());
+                    self.trace.calls.push(call);
+                    // The job's own deadline is no model's fault: no other has time left.
+                    return if deadline { Turn::Over(Err(failure)) } else { Turn::GaveUp(failure) };
+                }
+            };
+            let mut usage = completion.usage;
+            usage.cost_usd = price.map(|price| price.cost(&usage));
+            self.trace.usage += usage;
+            client.metrics().tokens(&usage);
+            if let Some(cost) = usage.cost_usd {
+                client.metrics().cost(model, prompt.kind.name(), cost);
+            }
+            self.trace.responses.push(completion.raw.clone());
+            call.usage = Some(usage);
+            // The provider's word, kept as text that fits the row and any page.
+            call.finish_reason =
+                completion.finish_reason.as_deref().map(|reason| crate::text::quoted(reason).into_owned());
+            // What was wrong with this answer is filled in below, when there is something.
+            self.trace.calls.push(call);
+            let (error, exhausted) = if completion.finish_reason.as_deref() == Some("length") {
+                if cut_off {
+                    let message = if max_tokens < settings.max_tokens {
+                        "the answer was cut off twice (finish_reason: length), the second time at what was left of \
+                         llm.job_token_budget"
+                    } else {
+                        "the answer was cut off at the token limit twice (finish_reason: length); raise \
+                         llm.max_tokens or ask for less"
+                    };
+                    let failure = JobError::new(ErrorKind::Llm, message);
+                    self.blame(&failure);
+                    return Turn::GaveUp(failure);
+                }
+                cut_off = true;
+                tracing::info!(attempt = self.trace.attempts, "answer cut off at the token limit; asking again");
+                self.blame(&JobError::new(ErrorKind::Validation, CUT_OFF_NOTE));
+                (CUT_OFF_NOTE.to_owned(), false)
+            } else {
+                let verdict = match strategy.answer(&completion) {
+                    Answer::Refused(reason) => {
+                        let failure = JobError::new(ErrorKind::Refused, reason);
+                        self.blame(&failure);
+                        return Turn::Over(Err(failure));
+                    }
+                    Answer::Invalid(why) => Err(why),
+                    Answer::Arguments(arguments) => prompt.kind.hydrate(arguments),
+                };
+                match verdict {
+                    Ok(record) => return Turn::Over(Ok(record)),
+                    Err(error) => {
+                        tracing::info!(attempt = self.trace.attempts, error = %error, "answer failed validation");
+                        self.blame(&JobError::new(ErrorKind::Validation, error.as_str()));
+                        let exhausted = reasks == prompt.max_retries;
+                        if !exhausted {
+                            reasks += 1;
+                            client.metrics().reask(prompt.kind.name());
+                        }
+                        (error, exhausted)
+                    }
+                }
+            };
+            // The answer and what was wrong with it stay in the conversation: a re-ask shows
+            // them to this model, a fallback to the next.
+            if settings.reask_history == ReaskHistory::Last {
+                self.messages = start();
+            }
+            self.reask(&completion, error);
+            if exhausted {
+                let message = format!(
+                    "no valid answer after {attempts} attempt(s); last error: {}",
+                    self.last_failure.as_deref().unwrap_or_default()
+                );
+                return Turn::GaveUp(JobError::new(ErrorKind::Validation, message));
+            }
         }
+    }
+
+    fn reask(&mut self, completion: &Completion, error: String) {
+        let error = self.last_failure.insert(error);
+        self.prompt.strategy.append_reask(&mut self.messages, completion, error);
+    }
+
+    /// The last call's error.
+    fn blame(&mut self, error: &JobError) {
+        if let Some(call) = self.trace.calls.last_mut() {
+            call.error = Some(error.clone());
+        }
+    }
+
+    /// Why the job may make no more calls, when one of its budgets is spent.
+    fn budget_spent(&self) -> Option<JobError> {
+        let (settings, trace) = (self.settings, &self.trace);
+        let last = self.last_failure.as_deref().unwrap_or("none");
         if settings.job_cost_budget_usd > 0.0 {
             let spent = trace.usage.cost_usd.unwrap_or(0.0);
             if spent >= settings.job_cost_budget_usd {
                 let message = format!(
                     "the job's dollar budget is spent (${spent} of llm.job_cost_budget_usd ${}) after {} attempt(s); \
-                     last error: {}",
-                    settings.job_cost_budget_usd,
-                    trace.attempts,
-                    last_failure.as_deref().unwrap_or("none"),
+                     last error: {last}",
+                    settings.job_cost_budget_usd, trace.attempts,
                 );
-                return Ok(Generation { outcome: Err(JobError::new(ErrorKind::Llm, message)), trace });
+                return Some(JobError::new(ErrorKind::Llm, message));
             }
         }
-        let max_tokens = match settings.job_token_budget {
-            0 => settings.max_tokens,
-            budget => {
-                let spent = trace.usage.total_tokens;
-                if spent >= budget {
-                    let message = format!(
-                        "the job's token budget is spent ({spent} of llm.job_token_budget {budget} tokens) after \
-                         {} attempt(s); last error: {}",
-                        trace.attempts,
-                        last_failure.as_deref().unwrap_or("none"),
-                    );
-                    return Ok(Generation { outcome: Err(JobError::new(ErrorKind::Llm, message)), trace });
-                }
-                // With a per-call cap, the answer may not spend more than is left either. Without
-                // one, none is sent: a cap above the model's own output limit is a 400.
-                let left = u32::try_from(budget - spent).unwrap_or(u32::MAX);
-                match settings.max_tokens {
-                    0 => 0,
-                    max => max.min(left),
-                }
-            }
-        };
-        trace.attempts += 1;
-        tracing::Span::current().record("attempt", trace.attempts);
-        let request = strategy.request(prompt.model, std::mem::take(&mut messages), max_tokens, settings.temperature);
-        let (started_at, started) = (chrono::Utc::now(), Instant::now());
-        let called = tokio::select! {
-            called = client.complete(&request, prompt.deadline, prompt.hold) => Some(called),
-            // The call in flight is dropped.
-            _ = prompt.cancelled.cancelled() => None,
-        };
-        messages = request.messages;
-        let mut call = Call {
-            model: prompt.model.to_owned(),
-            started_at,
-            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            usage: None,
-            finish_reason: None,
-            error: None,
-        };
-        let Some(called) = called else {
-            let failure = cancelled(CANCELLED_CALLING);
-            call.error = Some(failure.clone());
-            trace.calls.push(call);
-            return Ok(Generation { outcome: Err(failure), trace });
-        };
-        let completion = match called {
-            Ok(completion) => completion,
-            Err(CallError::Unavailable { last }) => return Err(ProviderUnavailable(last)),
-            Err(error) => {
-                let failure = call_failure(error);
-                call.error = Some(failure.clone());
-                trace.calls.push(call);
-                return Ok(Generation { outcome: Err(failure), trace });
-            }
-        };
-        let mut usage = completion.usage;
-        usage.cost_usd = price.map(|price| price.cost(&usage));
-        trace.usage += usage;
-        client.metrics().tokens(&usage);
-        if let Some(cost) = usage.cost_usd {
-            client.metrics().cost(prompt.model, prompt.kind.name(), cost);
+        let budget = settings.job_token_budget;
+        let spent = trace.usage.total_tokens;
+        if budget > 0 && spent >= budget {
+            let message = format!(
+                "the job's token budget is spent ({spent} of llm.job_token_budget {budget} tokens) after {} \
+                 attempt(s); last error: {last}",
+                trace.attempts,
+            );
+            return Some(JobError::new(ErrorKind::Llm, message));
         }
-        trace.responses.push(completion.raw.clone());
-        call.usage = Some(usage);
-        // The provider's word, kept as text that fits the row and any page.
-        call.finish_reason = completion.finish_reason.as_deref().map(|reason| crate::text::quoted(reason).into_owned());
-        // What was wrong with this answer is filled in below, when there is something.
-        trace.calls.push(call);
-        let blame = |trace: &mut CallTrace, error: &JobError| {
-            if let Some(call) = trace.calls.last_mut() {
-                call.error = Some(error.clone());
+        None
+    }
+
+    /// The next call's cap on completion tokens: `llm.max_tokens`, held to what is left of the
+    /// token budget. Without a per-call cap none is sent: a cap above the model's own output
+    /// limit is a 400.
+    fn max_tokens(&self) -> u32 {
+        let settings = self.settings;
+        match (settings.job_token_budget, settings.max_tokens) {
+            (0, max) | (_, max @ 0) => max,
+            (budget, max) => {
+                let left = u32::try_from(budget.saturating_sub(self.trace.usage.total_tokens)).unwrap_or(u32::MAX);
+                max.min(left)
             }
-        };
-        let error = if completion.finish_reason.as_deref() == Some("length") {
-            if cut_off {
-                let message = if max_tokens < settings.max_tokens {
-                    "the answer was cut off twice (finish_reason: length), the second time at what was left of \
-                     llm.job_token_budget"
-                } else {
-                    "the answer was cut off at the token limit twice (finish_reason: length); raise llm.max_tokens \
-                     or ask for less"
-                };
-                let failure = JobError::new(ErrorKind::Llm, message);
-                blame(&mut trace, &failure);
-                return Ok(Generation { outcome: Err(failure), trace });
-            }
-            cut_off = true;
-            tracing::info!(attempt = trace.attempts, "answer cut off at the token limit; asking again");
-            blame(&mut trace, &JobError::new(ErrorKind::Validation, CUT_OFF_NOTE));
-            CUT_OFF_NOTE.to_owned()
-        } else {
-            let verdict = match strategy.answer(&completion) {
-                Answer::Refused(reason) => {
-                    let failure = JobError::new(ErrorKind::Refused, reason);
-                    blame(&mut trace, &failure);
-                    return Ok(Generation { outcome: Err(failure), trace });
-                }
-                Answer::Invalid(why) => Err(why),
-                Answer::Arguments(arguments) => prompt.kind.hydrate(arguments),
-            };
-            match verdict {
-                Ok(record) => return Ok(Generation { outcome: Ok(record), trace }),
-                Err(error) => {
-                    tracing::info!(attempt = trace.attempts, error = %error, "answer failed validation");
-                    blame(&mut trace, &JobError::new(ErrorKind::Validation, error.as_str()));
-                    if reasks == prompt.max_retries {
-                        break error;
-                    }
-                    reasks += 1;
-                    client.metrics().reask(prompt.kind.name());
-                    error
-                }
-            }
-        };
-        if settings.reask_history == ReaskHistory::Last {
-            messages = start();
         }
-        strategy.append_reask(&mut messages, &completion, last_failure.insert(error));
-    };
-    let message = format!("no valid answer after {} attempt(s); last error: {last_error}", trace.attempts);
-    Ok(Generation { outcome: Err(JobError::new(ErrorKind::Validation, message)), trace })
+    }
 }
 
 /// What a re-ask says about an answer cut off at the token limit.
@@ -219,8 +323,4 @@ const CANCELLED_WAITING: &str = "cancelled by an operator before its next model 
 
 fn cancelled(message: &str) -> JobError {
     JobError::new(ErrorKind::Cancelled, message)
-}
-
-fn call_failure(error: CallError) -> JobError {
-    JobError::new(ErrorKind::Llm, error.to_string())
 }

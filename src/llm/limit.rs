@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::metrics::Metrics;
+use crate::metrics::ProviderMetrics;
 
 pub struct AdaptiveLimit {
     state: Mutex<State>,
     released: Notify,
     max: usize,
-    metrics: Metrics,
+    metrics: ProviderMetrics,
 }
 
 #[derive(Debug)]
@@ -34,9 +34,9 @@ pub struct Permit {
 }
 
 impl AdaptiveLimit {
-    pub fn new(max: usize, metrics: Metrics) -> Arc<Self> {
+    pub fn new(max: usize, metrics: ProviderMetrics) -> Arc<Self> {
         let max = max.max(1);
-        metrics.llm_concurrency_limit(max);
+        metrics.concurrency_limit(max);
         Arc::new(Self {
             state: Mutex::new(State { limit: max, in_flight: 0, successes: 0, epoch: 0 }),
             released: Notify::new(),
@@ -89,7 +89,7 @@ impl Permit {
         };
         if let Some(limit) = raised {
             tracing::info!(limit, "LLM concurrency limit raised");
-            self.limit.metrics.llm_concurrency_limit(limit);
+            self.limit.metrics.concurrency_limit(limit);
         }
     }
 
@@ -109,7 +109,7 @@ impl Permit {
         };
         if let Some(limit) = lowered {
             tracing::warn!(limit, "the provider is rate limiting; LLM concurrency limit lowered");
-            self.limit.metrics.llm_concurrency_limit(limit);
+            self.limit.metrics.concurrency_limit(limit);
         }
     }
 }
@@ -124,10 +124,11 @@ impl Drop for Permit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
 
     #[tokio::test]
     async fn a_burst_of_429s_halves_once_per_round_and_successes_raise_it_again() {
-        let limit = AdaptiveLimit::new(8, Metrics::new([], []));
+        let limit = AdaptiveLimit::new(8, Metrics::new([], []).llm_provider("default"));
         // Eight calls in flight all get a 429: one halving, not eight.
         let mut permits = Vec::new();
         for _ in 0..8 {
@@ -157,7 +158,7 @@ mod tests {
 
     #[tokio::test]
     async fn callers_over_the_limit_wait_for_a_slot() {
-        let limit = AdaptiveLimit::new(1, Metrics::new([], []));
+        let limit = AdaptiveLimit::new(1, Metrics::new([], []).llm_provider("default"));
         let first = limit.acquire().await;
         let waiter = tokio::spawn({
             let limit = limit.clone();

@@ -7,9 +7,11 @@ pub mod client;
 pub mod generate;
 pub mod limit;
 pub mod modes;
+pub mod providers;
 pub mod retry;
 pub mod strict;
 pub mod tools;
 
 pub use client::LlmClient;
 pub use generate::{Generation, generate};
+pub use providers::Providers;

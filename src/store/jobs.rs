@@ -531,6 +531,8 @@ pub async fn cancel(
         record: None,
         attempts: u32::try_from(attempts).unwrap_or(0),
         usage: usage.and_then(|usage| serde_json::from_value(usage).ok()).unwrap_or_default(),
+        models: Vec::new(),
+        model: None,
         error: Some(error.clone()),
         metadata: metadata.clone(),
         finished_at: Utc::now(),
@@ -658,24 +660,28 @@ pub async fn get(db: &impl ConnectionTrait, job_id: Uuid) -> Result<Option<JobDe
     }))
 }
 
-/// The calls beside their answers: the `n`th call's answer is the `n`th response (a call
-/// that failed without an answer is the last).
+/// The calls beside their answers: each answered call (one with `usage`) has the next
+/// response; a call that failed without an answer has none. (Rows written before calls were
+/// kept have responses alone.)
 fn call_views(calls: Value, responses: Value) -> Vec<CallView> {
     let array = |value: Value| match value {
         Value::Array(items) => items,
         _ => Vec::new(),
     };
     let (calls, responses) = (array(calls), array(responses));
-    let count = calls.len().max(responses.len());
-    let mut calls = calls.into_iter();
     let mut responses = responses.into_iter();
-    (1..=count)
-        .map(|n| CallView {
-            n,
-            call: calls.next().unwrap_or_else(|| Value::Object(Default::default())),
-            response: responses.next(),
+    let mut views: Vec<CallView> = calls
+        .into_iter()
+        .enumerate()
+        .map(|(index, call)| {
+            let response = if call.get("usage").is_some() { responses.next() } else { None };
+            CallView { n: index + 1, call, response }
         })
-        .collect()
+        .collect();
+    for response in responses {
+        views.push(CallView { n: views.len() + 1, call: Value::Object(Default::default()), response: Some(response) });
+    }
+    views
 }
 
 #[cfg(test)]
@@ -760,13 +766,20 @@ mod tests {
 
     #[test]
     fn calls_line_up_with_their_answers() {
-        let calls = json!([{"model": "m", "error": {"kind": "validation", "message": "age: must be at least 0"}},
+        let usage = json!({"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2});
+        let calls = json!([{"model": "m", "usage": usage, "error": {"kind": "validation", "message": "age: must be at least 0"}},
                            {"model": "m", "error": {"kind": "llm", "message": "HTTP 400"}}]);
         let views = call_views(calls, json!([{"id": "first"}]));
         assert_eq!(views.len(), 2);
         assert_eq!(views[0].response, Some(json!({"id": "first"})));
         assert_eq!(views[1].response, None);
         assert_eq!(views[1].n, 2);
+        // A fallback: the first model's call failed without an answer, the next one answered.
+        let calls = json!([{"model": "small", "error": {"kind": "llm", "message": "HTTP 404"}},
+                           {"model": "large", "usage": usage}]);
+        let views = call_views(calls, json!([{"id": "large's"}]));
+        assert_eq!(views[0].response, None);
+        assert_eq!(views[1].response, Some(json!({"id": "large's"})));
         // A job from before calls were recorded: its answers, one per call.
         let views = call_views(json!([]), json!([{"id": "a"}, {"id": "b"}]));
         assert_eq!(views.iter().map(|view| view.call.clone()).collect::<Vec<_>>(), vec![json!({}), json!({})]);

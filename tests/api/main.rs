@@ -16,6 +16,7 @@ mod contract_docs;
 mod cost;
 mod dead_letters;
 mod enqueue;
+mod fallback;
 mod generation;
 mod hostile;
 mod idempotency;

@@ -21,7 +21,10 @@ async fn health_readiness_and_metrics_report_a_real_run() {
     let (status, body) = app.get("/readyz").await;
     assert_eq!(
         (status, body.as_str()),
-        (200, r#"{"ready":true,"broker":"up","database":"up","llm":"closed","draining":false}"#)
+        (
+            200,
+            r#"{"ready":true,"broker":"up","database":"up","llm":"closed","providers":{"default":"closed"},"draining":false}"#
+        )
     );
     assert_eq!(app.get("/healthz").await.0, 200);
 
