@@ -136,9 +136,13 @@ impl App {
         let settings = Settings::load(cli.config.as_deref())?;
         match cli.command {
             Command::Run => {
-                telemetry::init(&settings.log);
-                let app = Application::build(settings, self).await?;
-                app.run_until_stopped(shutdown::signalled()).await?;
+                let traces = telemetry::init_with_traces(&settings.log, &settings.telemetry)?;
+                let ran = match Application::build(settings, self).await {
+                    Ok(app) => app.run_until_stopped(shutdown::signalled()).await,
+                    Err(error) => Err(error),
+                };
+                traces.shutdown();
+                ran?;
             }
             Command::Migrate => {
                 telemetry::init(&settings.log);
@@ -321,6 +325,7 @@ mod tests {
                 "m20261124_000004_outbox_retry_backoff",
                 "m20261130_000006_worker_presence_and_retention",
                 "m20261201_000007_job_calls",
+                "m20261201_000008_event_trace_context",
                 "m20261124_000001_create_hero",
                 "m20261124_000005_create_team",
             ]

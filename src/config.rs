@@ -32,6 +32,7 @@ pub struct Settings {
     pub log: LogSettings,
     pub limits: LimitsSettings,
     pub retention: RetentionSettings,
+    pub telemetry: TelemetrySettings,
     /// Where each secret came from (printed by `instructd config`; never the value).
     #[serde(skip)]
     pub secret_sources: Vec<(String, SecretSource)>,
@@ -469,6 +470,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// Traces (OpenTelemetry): exported over OTLP/HTTP when an endpoint is set, else not made.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// The collector's OTLP/HTTP base URL (`http://collector:4318`; spans are posted to
+    /// `{it}/v1/traces`, as JSON). Empty: no traces.
+    pub otlp_endpoint: String,
+    /// `service.name` of the spans.
+    pub service_name: String,
+    /// The share of traces kept that have no sampled parent (a request's `traceparent`
+    /// decides for its own job), from 0 to 1.
+    pub sample_ratio: f64,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
@@ -786,6 +801,27 @@ impl Settings {
         if let Some(temperature) = self.llm.temperature {
             ensure((0.0..=2.0).contains(&temperature), "llm.temperature", "must be between 0 and 2")?;
         }
+        let telemetry = &self.telemetry;
+        if !telemetry.otlp_endpoint.is_empty() {
+            let endpoint = url::Url::parse(&telemetry.otlp_endpoint)
+                .map_err(|e| anyhow::anyhow!("telemetry.otlp_endpoint: not a URL ({e})"))?;
+            ensure(
+                matches!(endpoint.scheme(), "http" | "https"),
+                "telemetry.otlp_endpoint",
+                "must be an http:// or https:// URL (OTLP/HTTP)",
+            )?;
+            ensure(
+                endpoint.password().is_none() && endpoint.username().is_empty(),
+                "telemetry.otlp_endpoint",
+                "must not hold credentials",
+            )?;
+        }
+        ensure(!telemetry.service_name.trim().is_empty(), "telemetry.service_name", "must not be empty")?;
+        ensure(
+            (0.0..=1.0).contains(&telemetry.sample_ratio),
+            "telemetry.sample_ratio",
+            "must be a number from 0 to 1",
+        )?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| anyhow::anyhow!("log.level: not a valid filter ({e})"))?;
         Ok(())

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::config::{LimitsSettings, Settings};
 use crate::contract::{Content, ContentPart, GenerationRequest, Role};
 use crate::entities::{EntityKind, Registry};
-use crate::job::JobRecord;
+use crate::job::{JobRecord, TraceContext};
 use crate::text;
 
 /// A request that passed every check.
@@ -27,6 +27,8 @@ pub struct Job {
     pub metadata: Value,
     /// The models to try, in order ([`crate::config::LlmSettings::models_for`]).
     pub models: Vec<String>,
+    /// The job's trace context (set by the worker, from the job's span).
+    pub trace: Option<TraceContext>,
     pub max_retries: u32,
     pub mode: crate::contract::Mode,
     pub correlation_id: String,
@@ -65,6 +67,7 @@ impl Job {
             metadata: &self.metadata,
             correlation_id: &self.correlation_id,
             reply_to: self.reply_to.as_deref(),
+            trace: self.trace.as_ref(),
         }
     }
 }
@@ -79,6 +82,7 @@ impl Rejection {
             metadata: &self.metadata,
             correlation_id: &self.correlation_id,
             reply_to: self.reply_to.as_deref(),
+            trace: None,
         }
     }
 }
@@ -201,6 +205,7 @@ pub fn decode(
         assigned_id: request.job_id.is_none() && message_id.is_none(),
         kind,
         models: settings.llm.models_for(&request.entity, request.model.as_deref()),
+        trace: None,
         // The request may ask for fewer re-asks than the cap, never more.
         max_retries: request.max_retries.unwrap_or(settings.llm.default_max_retries).min(settings.llm.max_retries),
         mode: request.mode.unwrap_or(settings.llm.mode),

@@ -24,6 +24,17 @@ pub struct JobRecord<'a> {
     pub metadata: &'a Value,
     pub correlation_id: &'a str,
     pub reply_to: Option<&'a str>,
+    /// The job's trace context, for its event's headers.
+    pub trace: Option<&'a TraceContext>,
+}
+
+/// A W3C trace context (`traceparent`, and `tracestate` when there is one), as a message's
+/// headers carry it: well-formed and bounded (made by [`crate::telemetry`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TraceContext {
+    pub traceparent: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 /// What the calls of a job cost and returned, kept on the job row whatever the outcome.
@@ -83,4 +94,6 @@ pub struct OutboxEvent {
     pub correlation_id: String,
     pub reply_to: Option<String>,
     pub payload: Vec<u8>,
+    /// Sent as the event's `traceparent` / `tracestate` headers.
+    pub trace: Option<TraceContext>,
 }

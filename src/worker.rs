@@ -30,14 +30,14 @@ use crate::config::Settings;
 use crate::contract::{ErrorKind, JobError};
 use crate::decode::{Job, Rejection, decode};
 use crate::entities::Registry;
-use crate::job::{CallTrace, JobRecord, OutboxEvent};
+use crate::job::{CallTrace, JobRecord, OutboxEvent, TraceContext};
 use crate::llm::modes::Strategies;
 use crate::llm::{self, Providers, generate::Prompt};
 use crate::metrics::{DeferReason, Metrics};
 use crate::relay::{self, Undelivered};
 use crate::store::outcomes::reannouncement;
 use crate::store::{Claim, DbFault, Outcome, Store, classify};
-use crate::text;
+use crate::{telemetry, text};
 
 /// Everything a job needs, shared by all jobs of the process.
 pub struct Worker {
@@ -202,20 +202,33 @@ impl Worker {
         // (Not `#[tracing::instrument]`, whose future holds the job's twice.)
         let span = tracing::info_span!(
             "job",
+            otel.kind = "consumer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.destination.name = self.settings.broker.request_queue.as_str(),
             job_id = Empty,
             entity = Empty,
             attempt = Empty,
             redelivered = delivery.redelivered
         );
-        self.run(delivery, received, publisher, slot).instrument(span)
+        // The request's trace is the job's parent; its event carries the job's.
+        let trace = telemetry::adopt_parent(&span, delivery.properties.headers().as_ref());
+        self.run(delivery, received, publisher, slot, trace).instrument(span)
     }
 
-    async fn run(&self, delivery: Delivery, received: Instant, publisher: &Publisher, slot: Slot) {
+    async fn run(
+        &self,
+        delivery: Delivery,
+        received: Instant,
+        publisher: &Publisher,
+        slot: Slot,
+        trace: Option<TraceContext>,
+    ) {
         let _in_flight = self.metrics.in_flight();
         let hold = received + Duration::from_secs(self.settings.worker.max_hold_secs);
         // Each phase is boxed: a job's task then holds only the phase it is in, not room for
         // the largest of them all (thousands of jobs wait on their model at once).
-        let ending = Box::pin(self.work(&delivery, hold)).await;
+        let ending = Box::pin(self.work(&delivery, hold, trace)).await;
         let disposition = disposition(&ending);
         if Box::pin(self.carry_out(&delivery, publisher, &ending, disposition, hold)).await {
             Box::pin(self.announce(publisher, ending, slot)).await;
@@ -223,12 +236,13 @@ impl Worker {
     }
 
     /// decode → claim → generate → store: everything but the broker.
-    async fn work(&self, delivery: &Delivery, hold: Instant) -> Ending {
-        let job =
+    async fn work(&self, delivery: &Delivery, hold: Instant, trace: Option<TraceContext>) -> Ending {
+        let mut job =
             match decode(&delivery.data, &delivery.properties, delivery.redelivered, &self.registry, &self.settings) {
                 Ok(job) => job,
                 Err(rejection) => return Box::pin(self.reject(*rejection, hold)).await,
             };
+        job.trace = trace;
         let span = tracing::Span::current();
         span.record("job_id", tracing::field::display(job.id));
         span.record("entity", job.kind.name());
@@ -357,7 +371,15 @@ impl Worker {
         let failure;
         let mut outcome = Outcome { result: generation.outcome.as_ref(), trace: &generation.trace };
         let finish = self.store.finish(&record, token, &outcome);
-        let stored = match self.with_db_retries(hold, || self.store.record(&finish)).await {
+        let span = tracing::info_span!(
+            "store",
+            otel.name = "store outcome",
+            db.system.name = "postgresql",
+            db.operation.name = "finish job",
+            status = if outcome.result.is_ok() { "succeeded" } else { "failed" },
+        );
+        let storing = self.with_db_retries(hold, || self.store.record(&finish)).instrument(span);
+        let stored = match storing.await {
             Ok(stored) => stored,
             Err(Abandon::Data(error)) => {
                 // The record itself cannot be stored (a constraint the schema did not
@@ -698,6 +720,7 @@ mod tests {
             correlation_id: "c".into(),
             reply_to: None,
             payload: b"{}".to_vec(),
+            trace: None,
         }
     }
 

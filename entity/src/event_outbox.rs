@@ -30,6 +30,11 @@ pub struct Model {
     pub last_error: Option<String>,
     /// Set when an event that stayed unroutable for `retention.unroutable_events` was given up.
     pub abandoned_at: Option<DateTimeUtc>,
+    /// The job's W3C trace context, sent in the event's AMQP headers.
+    #[sea_orm(column_type = "Text", nullable)]
+    pub traceparent: Option<String>,
+    #[sea_orm(column_type = "Text", nullable)]
+    pub tracestate: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

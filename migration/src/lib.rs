@@ -14,6 +14,7 @@ mod m20261124_000004_outbox_retry_backoff;
 mod m20261124_000005_create_team;
 mod m20261130_000006_worker_presence_and_retention;
 mod m20261201_000007_job_calls;
+mod m20261201_000008_event_trace_context;
 
 /// The migrations of instructd's own tables, in the order they apply.
 pub fn instructd() -> Vec<Box<dyn MigrationTrait>> {
@@ -23,6 +24,7 @@ pub fn instructd() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(m20261124_000004_outbox_retry_backoff::Migration),
         Box::new(m20261130_000006_worker_presence_and_retention::Migration),
         Box::new(m20261201_000007_job_calls::Migration),
+        Box::new(m20261201_000008_event_trace_context::Migration),
     ]
 }
 

@@ -220,9 +220,19 @@ fn value_size(value: &AMQPValue) -> usize {
 }
 
 fn event_properties(event: &OutboxEvent) -> BasicProperties {
-    json_properties()
+    let properties = json_properties()
         .with_correlation_id(short(&event.correlation_id))
-        .with_message_id(short(&event.event_id.to_string()))
+        .with_message_id(short(&event.event_id.to_string()));
+    match &event.trace {
+        // The job's W3C trace context: a consumer's spans join the request's trace.
+        Some(trace) => {
+            let headers: BTreeMap<ShortString, AMQPValue> = crate::telemetry::trace_context(trace)
+                .map(|(name, value)| (ShortString::from(name), AMQPValue::LongString(LongString::from(value))))
+                .collect();
+            properties.with_headers(headers.into())
+        }
+        None => properties,
+    }
 }
 
 /// Properties of a persistent JSON message.

@@ -102,6 +102,18 @@ pub enum CallError {
     Malformed(String),
 }
 
+impl CallError {
+    /// The error's kind, as a span's `error.type` names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Rejected(_) => "rejected",
+            Self::DeadlineExceeded { .. } => "deadline_exceeded",
+            Self::Unavailable { .. } => "unavailable",
+            Self::Malformed(_) => "malformed",
+        }
+    }
+}
+
 impl LlmClient {
     /// Builds the client from settings alone: nothing is read from the environment behind
     /// our back (async-openai's `OpenAIConfig::new()` would read `OPENAI_*` variables).

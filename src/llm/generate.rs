@@ -8,6 +8,8 @@ use std::time::Duration;
 use async_openai::types::chat::ChatCompletionRequestMessage;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use super::client::{CallError, Completion, LlmClient};
 use super::modes::Strategy;
@@ -147,12 +149,15 @@ impl Job<'_, '_> {
             tracing::Span::current().record("attempt", self.trace.attempts);
             let request = strategy.request(model, std::mem::take(&mut self.messages), max_tokens, settings.temperature);
             let (started_at, started) = (chrono::Utc::now(), Instant::now());
+            let span = call_span(model, provider, self.trace.attempts, max_tokens);
+            let calling = client.complete(&request, prompt.deadline, prompt.hold, patience.map(|p| started + p));
             let called = tokio::select! {
-                called = client.complete(&request, prompt.deadline, prompt.hold, patience.map(|p| started + p)) => Some(called),
+                called = calling.instrument(span.clone()) => Some(called),
                 // The call in flight is dropped.
                 _ = prompt.cancelled.cancelled() => None,
             };
             self.messages = request.messages;
+            record_call(&span, called.as_ref());
             let mut call = Call {
                 model: model.to_owned(),
                 provider: provider.to_owned(),
@@ -307,6 +312,68 @@ impl Job<'_, '_> {
                 let left = u32::try_from(budget.saturating_sub(self.trace.usage.total_tokens)).unwrap_or(u32::MAX);
                 max.min(left)
             }
+        }
+    }
+}
+
+/// The span of one model call, with the OpenTelemetry GenAI attributes known before it.
+fn call_span(model: &str, provider: &str, attempt: u32, max_tokens: u32) -> tracing::Span {
+    let span = tracing::info_span!(
+        "chat",
+        otel.name = %format_args!("chat {model}"),
+        otel.kind = "client",
+        otel.status_code = Empty,
+        gen_ai.operation.name = "chat",
+        gen_ai.system = "openai",
+        gen_ai.request.model = model,
+        gen_ai.request.max_tokens = Empty,
+        gen_ai.response.model = Empty,
+        gen_ai.response.id = Empty,
+        gen_ai.response.finish_reasons = Empty,
+        gen_ai.usage.input_tokens = Empty,
+        gen_ai.usage.output_tokens = Empty,
+        error.type = Empty,
+        instructd.provider = provider,
+        instructd.attempt = i64::from(attempt),
+    );
+    if max_tokens > 0 {
+        span.record("gen_ai.request.max_tokens", i64::from(max_tokens));
+    }
+    span
+}
+
+/// What the call came to, on its span: the answer's model, id, finish reason and tokens, or
+/// why it failed (`None`: cancelled). The provider's words are clipped.
+fn record_call(span: &tracing::Span, called: Option<&Result<Completion, CallError>>) {
+    let said = |pointer: &str, completion: &Completion| {
+        completion
+            .raw
+            .pointer(pointer)
+            .and_then(serde_json::Value::as_str)
+            .map(|text| crate::text::clip(text, 200).into_owned())
+    };
+    match called {
+        Some(Ok(completion)) => {
+            if let Some(model) = said("/model", completion) {
+                span.record("gen_ai.response.model", model);
+            }
+            if let Some(id) = said("/id", completion) {
+                span.record("gen_ai.response.id", id);
+            }
+            if let Some(reason) = &completion.finish_reason {
+                span.record("gen_ai.response.finish_reasons", crate::text::clip(reason, 64).as_ref());
+            }
+            // As signed integers: the exporter writes an unsigned one as text.
+            let count = |tokens: u64| i64::try_from(tokens).unwrap_or(i64::MAX);
+            span.record("gen_ai.usage.input_tokens", count(completion.usage.prompt_tokens));
+            span.record("gen_ai.usage.output_tokens", count(completion.usage.completion_tokens));
+        }
+        Some(Err(error)) => {
+            span.record("otel.status_code", "ERROR");
+            span.record("error.type", error.kind());
+        }
+        None => {
+            span.record("error.type", "cancelled");
         }
     }
 }

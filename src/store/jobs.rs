@@ -547,6 +547,7 @@ pub async fn cancel(
         metadata: &metadata,
         correlation_id: &job_id_text,
         reply_to: None,
+        trace: None,
     };
     let outbox = outbox_event(&record, &event);
     let payload: Value = serde_json::from_slice(&outbox.payload).expect("an event is JSON");

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{Store, stmt};
 use crate::contract::CompletionEvent;
-use crate::job::{JobRecord, OutboxEvent};
+use crate::job::{JobRecord, OutboxEvent, TraceContext};
 
 impl Store {
     /// Marks an event published once the broker confirmed it; marks of concurrent jobs
@@ -28,6 +28,7 @@ pub(super) fn outbox_event(job: &JobRecord<'_>, event: &CompletionEvent) -> Outb
         correlation_id: job.correlation_id.to_owned(),
         reply_to: job.reply_to.map(str::to_owned),
         payload: serde_json::to_vec(event).expect("events serialize"),
+        trace: job.trace.cloned(),
     }
 }
 
@@ -39,6 +40,10 @@ fn outbox_event_from_row(row: &QueryResult) -> Result<OutboxEvent, DbErr> {
         correlation_id: row.try_get("", "correlation_id")?,
         reply_to: row.try_get("", "reply_to")?,
         payload: serde_json::to_vec(&payload).expect("JSON serializes"),
+        trace: row
+            .try_get::<Option<String>>("", "traceparent")?
+            .map(|traceparent| Ok::<_, DbErr>(TraceContext { traceparent, tracestate: row.try_get("", "tracestate")? }))
+            .transpose()?,
     })
 }
 
@@ -51,7 +56,7 @@ pub async fn lock_pending(
 ) -> Result<Vec<OutboxEvent>, DbErr> {
     let rows = txn
         .query_all_raw(stmt(
-            "SELECT event_id, routing_key, correlation_id, reply_to, payload FROM event_outbox
+            "SELECT event_id, routing_key, correlation_id, reply_to, payload, traceparent, tracestate FROM event_outbox
               WHERE published_at IS NULL AND abandoned_at IS NULL
                 AND created_at <= now() - make_interval(secs => $1)
                 AND (next_attempt_at IS NULL OR next_attempt_at <= now())

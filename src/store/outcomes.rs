@@ -47,6 +47,8 @@ struct FinishRow<'a> {
     correlation_id: &'a str,
     reply_to: Option<&'a str>,
     payload: &'a RawValue,
+    traceparent: Option<&'a str>,
+    tracestate: Option<&'a str>,
 }
 
 impl Store {
@@ -89,6 +91,8 @@ impl Store {
             reply_to: job.reply_to,
             // The bytes that will be published, not a second serialisation of the event.
             payload: serde_json::from_slice(&outbox.payload).expect("an event serializes to JSON"),
+            traceparent: job.trace.map(|trace| trace.traceparent.as_str()),
+            tracestate: job.trace.and_then(|trace| trace.tracestate.as_deref()),
         };
         let row = serde_json::to_string(&row).expect("an outcome serializes");
         Arc::new(Finish { event: outbox, row, record })
@@ -172,6 +176,8 @@ pub fn reannouncement(job: &JobRecord<'_>, stored: &StoredEvent) -> Result<Outbo
         correlation_id: job.correlation_id.to_owned(),
         reply_to: job.reply_to.map(str::to_owned),
         payload: serde_json::to_vec(&payload).expect("JSON serializes"),
+        // This delivery's trace: the duplicate's sender follows its own request.
+        trace: job.trace.cloned(),
     })
 }
 
@@ -227,7 +233,8 @@ async fn try_finish_batch(db: &DatabaseConnection, batch: &[Arc<Finish>]) -> Res
             "WITH batch AS (
                 SELECT * FROM jsonb_to_recordset($2::jsonb) AS b(
                     job_id uuid, token uuid, status text, attempts int, record_id uuid, error jsonb, usage jsonb,
-                    responses jsonb, calls jsonb, event_id uuid, routing_key text, correlation_id text, reply_to text, payload jsonb)
+                    responses jsonb, calls jsonb, event_id uuid, routing_key text, correlation_id text, reply_to text, payload jsonb,
+                    traceparent text, tracestate text)
                  LIMIT $1
              ), finished AS (
                 UPDATE generation_job job
@@ -241,8 +248,10 @@ async fn try_finish_batch(db: &DatabaseConnection, batch: &[Arc<Finish>]) -> Res
                  WHERE job.job_id = batch.job_id AND job.claim_token = batch.token
                 RETURNING batch.event_id
              ), announced AS (
-                INSERT INTO event_outbox (event_id, job_id, routing_key, correlation_id, reply_to, payload)
-                SELECT batch.event_id, batch.job_id, batch.routing_key, batch.correlation_id, batch.reply_to, batch.payload
+                INSERT INTO event_outbox
+                       (event_id, job_id, routing_key, correlation_id, reply_to, payload, traceparent, tracestate)
+                SELECT batch.event_id, batch.job_id, batch.routing_key, batch.correlation_id, batch.reply_to, batch.payload,
+                       batch.traceparent, batch.tracestate
                   FROM batch JOIN finished USING (event_id)
              )
              SELECT event_id FROM finished",

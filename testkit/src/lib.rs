@@ -164,8 +164,14 @@ pub async fn spawn_app_listening(settings: Settings, llm: MockServer, binding: &
 /// Like [`spawn_app`], with the daemon an application's binary (`program run`, as an operator
 /// starts it) rather than instructd's `hero` and `team` in the test's process.
 pub async fn spawn_binary(program: &std::path::Path) -> TestApp {
+    spawn_binary_with(program, &[]).await
+}
+
+/// Like [`spawn_binary`], with `extra` variables in the daemon's environment.
+pub async fn spawn_binary_with(program: &std::path::Path, extra: &[(&str, String)]) -> TestApp {
     let llm = MockServer::start().await;
-    let env = test_env(&llm, &create_database().await);
+    let mut env = test_env(&llm, &create_database().await);
+    env.extend(extra.iter().map(|(name, value)| ((*name).to_owned(), value.clone())));
     let settings = Settings::load_from(None, env.clone()).expect("test settings are valid");
     spawn_daemon(settings, llm, "#", None, Launch::Binary(program.to_owned(), env)).await
 }

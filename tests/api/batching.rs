@@ -46,6 +46,7 @@ pub fn job<'a>(job_id: Uuid, request: &'a RawValue) -> JobRecord<'a> {
         metadata: &Value::Null,
         correlation_id: "test",
         reply_to: None,
+        trace: None,
     }
 }
 

@@ -29,3 +29,4 @@ mod security;
 mod takeover;
 mod teams;
 mod tls;
+mod traces;
