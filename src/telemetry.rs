@@ -18,7 +18,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
-use crate::config::{LogFormat, LogSettings, TelemetrySettings};
+use crate::config::{BrokerSettings, LogFormat, LogSettings, TelemetrySettings};
 use crate::job::TraceContext;
 
 /// The W3C header of the trace context's position: `00-<trace id>-<span id>-<flags>`.
@@ -116,7 +116,17 @@ impl Traces {
 /// A request's W3C trace context (its `traceparent` and `tracestate` headers) as the parent
 /// of `span`, when the headers hold a valid one; and the context the job's messages carry
 /// on: the span's own when traces are exported, else the request's, unchanged.
-pub fn adopt_parent(span: &tracing::Span, headers: Option<&FieldTable>) -> Option<TraceContext> {
+///
+/// The span gets the messaging attributes of a consumed message (on the trace span only: the
+/// logs, which show the span's fields on every line, stay as they were).
+pub fn adopt_parent(
+    span: &tracing::Span,
+    headers: Option<&FieldTable>,
+    broker: &BrokerSettings,
+) -> Option<TraceContext> {
+    span.set_attribute("messaging.system", "rabbitmq");
+    span.set_attribute("messaging.operation.type", "process");
+    span.set_attribute("messaging.destination.name", broker.request_queue.clone());
     let parent = TraceContextPropagator::new().extract(&Headers(headers));
     let from_request = parent.span().span_context().is_valid();
     if from_request {
@@ -184,6 +194,10 @@ mod tests {
 
     use super::*;
 
+    fn broker() -> BrokerSettings {
+        crate::config::Settings::load_from(None, Default::default()).unwrap().broker
+    }
+
     fn headers(pairs: &[(&str, &str)]) -> FieldTable {
         let mut table = FieldTable::default();
         for (key, value) in pairs {
@@ -196,7 +210,7 @@ mod tests {
     fn a_requests_trace_context_is_passed_on_when_no_traces_are_exported() {
         let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let table = headers(&[(TRACEPARENT, parent), (TRACESTATE, "congo=t61rcWkgMzE")]);
-        let trace = adopt_parent(&tracing::Span::none(), Some(&table)).unwrap();
+        let trace = adopt_parent(&tracing::Span::none(), Some(&table), &broker()).unwrap();
         assert_eq!(trace.traceparent, parent);
         assert_eq!(trace.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
     }
@@ -204,12 +218,20 @@ mod tests {
     #[test]
     fn a_malformed_or_absent_trace_context_is_none() {
         for value in ["", "00-zz-00f067aa0ba902b7-01", "00-00000000000000000000000000000000-00f067aa0ba902b7-01"] {
-            assert_eq!(adopt_parent(&tracing::Span::none(), Some(&headers(&[(TRACEPARENT, value)]))), None, "{value}");
+            assert_eq!(
+                adopt_parent(&tracing::Span::none(), Some(&headers(&[(TRACEPARENT, value)])), &broker()),
+                None,
+                "{value}"
+            );
         }
-        assert_eq!(adopt_parent(&tracing::Span::none(), None), None);
+        assert_eq!(adopt_parent(&tracing::Span::none(), None, &broker()), None);
         let long = format!("a={}", "x".repeat(600));
         let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let trace = adopt_parent(&tracing::Span::none(), Some(&headers(&[(TRACEPARENT, parent), (TRACESTATE, &long)])));
+        let trace = adopt_parent(
+            &tracing::Span::none(),
+            Some(&headers(&[(TRACEPARENT, parent), (TRACESTATE, &long)])),
+            &broker(),
+        );
         assert_eq!(trace.unwrap().tracestate, None, "an oversized tracestate is dropped, not cut");
     }
 }

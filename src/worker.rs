@@ -202,17 +202,13 @@ impl Worker {
         // (Not `#[tracing::instrument]`, whose future holds the job's twice.)
         let span = tracing::info_span!(
             "job",
-            otel.kind = "consumer",
-            messaging.system = "rabbitmq",
-            messaging.operation.type = "process",
-            messaging.destination.name = self.settings.broker.request_queue.as_str(),
             job_id = Empty,
             entity = Empty,
             attempt = Empty,
             redelivered = delivery.redelivered
         );
         // The request's trace is the job's parent; its event carries the job's.
-        let trace = telemetry::adopt_parent(&span, delivery.properties.headers().as_ref());
+        let trace = telemetry::adopt_parent(&span, delivery.properties.headers().as_ref(), &self.settings.broker);
         self.run(delivery, received, publisher, slot, trace).instrument(span)
     }
 
