@@ -1172,6 +1172,14 @@ mod tests {
         let printed = settings.to_redacted_toml();
         assert!(printed.contains(&format!("#   llm.providers.big.api_key: file {}", key.display())), "{printed}");
         assert!(!printed.contains("sk-large-from"), "{printed}");
+        // A provider's key from the environment, as a Kubernetes secret would set it.
+        let toml = "[llm.providers.big]\nbase_url = \"https://gateway.example.com/v1\"\nmodels = [\"large\"]";
+        let from_env = from_file(toml, &[("INSTRUCTD__LLM__PROVIDERS__BIG__API_KEY", "sk-big-from-env")]).unwrap();
+        let big = &from_env.llm.providers["big"];
+        assert_eq!(from_env.llm.for_provider(big).api_key(), Some("sk-big-from-env"));
+        let printed = from_env.to_redacted_toml();
+        assert!(printed.contains("#   llm.providers.big.api_key: the key itself"), "{printed}");
+        assert!(!printed.contains("sk-big-from-env"), "{printed}");
         // Without a list, a job tries its own model.
         let plain = Settings::load_from(None, env(&[("INSTRUCTD__LLM__MODEL", "small")])).unwrap();
         assert_eq!(plain.llm.models_for("hero", None), ["small"]);

@@ -55,6 +55,8 @@ pub struct Rejection {
     pub metadata: Value,
     pub correlation_id: String,
     pub reply_to: Option<String>,
+    /// The request's trace context (set by the worker, from the job's span).
+    pub trace: Option<TraceContext>,
 }
 
 impl Job {
@@ -82,10 +84,13 @@ impl Rejection {
             metadata: &self.metadata,
             correlation_id: &self.correlation_id,
             reply_to: self.reply_to.as_deref(),
-            trace: None,
+            trace: self.trace.as_ref(),
         }
     }
 }
+
+/// The longest model name a request may give (providers' names are a few dozen characters).
+pub const MAX_MODEL_CHARS: usize = 256;
 
 /// Decodes a request body and its AMQP properties into a [`Job`]. `redelivered` is the
 /// delivery's flag: only a redelivery's `x-delivery-count` was written by the broker.
@@ -116,6 +121,7 @@ pub fn decode(
         metadata: Value::Null,
         correlation_id: String::new(),
         reply_to: reply_to.clone(),
+        trace: None,
     };
     let reject = |mut rejection: Rejection, reason: String| {
         rejection.correlation_id = correlation.clone().unwrap_or_else(|| rejection.job_id.to_string());
@@ -191,6 +197,10 @@ pub fn decode(
     if let Some(model) = &request.model {
         if model.trim().is_empty() {
             return reject(rejection, "model: must not be empty when given".to_owned());
+        }
+        // A name travels on in events, spans and the job's calls: bounded, like any name.
+        if model.chars().count() > MAX_MODEL_CHARS {
+            return reject(rejection, format!("model: at most {MAX_MODEL_CHARS} characters"));
         }
         if !settings.llm.allows_model(model) {
             return reject(rejection, format!("model: `{}` is not one of llm.allowed_models", text::quoted(model)));

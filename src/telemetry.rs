@@ -11,8 +11,9 @@ use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing::Level;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -74,12 +75,15 @@ pub fn init_with_traces(settings: &LogSettings, telemetry: &TelemetrySettings) -
         .with_resource(resource)
         .build();
     // Only instructd's own spans (the job, its model calls, its store) become trace spans,
-    // whatever the log level: not the drivers' and the HTTP stack's.
+    // whatever the log level: not the drivers' and the HTTP stack's; and no log event becomes
+    // a span event (they quote answers and provider errors: the logs have them).
     let traces = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("instructd"))
         .with_threads(false)
         .with_tracked_inactivity(false)
-        .with_filter(Targets::new().with_target("instructd", LevelFilter::INFO));
+        .with_filter(filter_fn(|meta| {
+            meta.is_span() && meta.target().starts_with("instructd") && *meta.level() <= Level::INFO
+        }));
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_span_events(FmtSpan::NONE);
     let logs = match settings.format {
         LogFormat::Json => logs.json().flatten_event(true).with_current_span(true).boxed(),

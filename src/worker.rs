@@ -236,7 +236,10 @@ impl Worker {
         let mut job =
             match decode(&delivery.data, &delivery.properties, delivery.redelivered, &self.registry, &self.settings) {
                 Ok(job) => job,
-                Err(rejection) => return Box::pin(self.reject(*rejection, hold)).await,
+                Err(mut rejection) => {
+                    rejection.trace = trace;
+                    return Box::pin(self.reject(*rejection, hold)).await;
+                }
             };
         job.trace = trace;
         let span = tracing::Span::current();

@@ -190,24 +190,28 @@ impl LlmClient {
         patience: Option<Instant>,
     ) -> Result<Completion, CallError> {
         let end = deadline.min(hold);
-        // Waiting ends at the patience too; it then counts as the delivery's hold running out.
-        let hold = patience.map_or(hold, |patience| hold.min(patience));
-        let wait_end = deadline.min(hold);
+        // Only the patience that comes before both bounds them.
+        let patience = patience.filter(|patience| *patience < end);
+        let wait_end = patience.unwrap_or(end);
         let mut delays = self.policy.delays();
         let mut attempts = 0u32;
         let mut last: Option<TransportError> = None;
         loop {
             let Some(ticket) = self.circuit.admit(wait_end).await else {
-                return Err(self.out_of_time(deadline, hold, attempts, last));
+                return Err(self.out_of_time(deadline, hold, patience.is_some(), attempts, last));
             };
-            let error = match self.call_once(request, end).await {
+            let error = match self.call_once(request, wait_end, end).await {
                 Ok(completion) => {
                     ticket.answered();
                     return Ok(completion);
                 }
                 // Out of time before an answer: says nothing about the provider (a probe
                 // dropped here hands the turn on).
-                Err(TransportError::Deadline) => return Err(self.out_of_time(deadline, hold, attempts, last)),
+                // (Cut short while waiting for a slot, before `end`: by the patience.)
+                Err(TransportError::Deadline) => {
+                    let impatient = patience.is_some() && Instant::now() < end;
+                    return Err(self.out_of_time(deadline, hold, impatient, attempts, last));
+                }
                 Err(error) if error.is_retryable() => {
                     ticket.failed();
                     error
@@ -224,7 +228,8 @@ impl LlmClient {
             let planned = delays.next().unwrap_or(self.request_timeout);
             let wait = self.policy.wait_after(&error, planned);
             if Instant::now() + wait >= wait_end {
-                return Err(self.out_of_time(deadline, hold, attempts, Some(error)));
+                let impatient = patience.is_some() && Instant::now() + wait < end;
+                return Err(self.out_of_time(deadline, hold, impatient, attempts, Some(error)));
             }
             tracing::warn!(error = %self.describe(&error.to_string()), ?wait, "LLM call failed; retrying");
             last = Some(error);
@@ -234,9 +239,17 @@ impl LlmClient {
 
     /// What running out of time means: the job's own failure only when the provider is up
     /// and serving others (the circuit is closed, the last failure was not a rate limit) and
-    /// the job's deadline, not the delivery's hold, is what ran out.
-    fn out_of_time(&self, deadline: Instant, hold: Instant, attempts: u32, last: Option<TransportError>) -> CallError {
-        let held_out = hold < deadline;
+    /// the job's deadline, not the delivery's hold, is what ran out. `impatient`: the patience
+    /// ran out (before both), which means unavailable: the job may go on with another model.
+    fn out_of_time(
+        &self,
+        deadline: Instant,
+        hold: Instant,
+        impatient: bool,
+        attempts: u32,
+        last: Option<TransportError>,
+    ) -> CallError {
+        let held_out = hold < deadline || impatient;
         let provider_down = self.circuit.state() != CircuitState::Closed
             || matches!(last, None | Some(TransportError::Http { status: 429, .. }));
         let last = last.map_or_else(|| "no call could be made".to_owned(), |error| self.describe(&error.to_string()));
@@ -247,14 +260,16 @@ impl LlmClient {
         }
     }
 
+    /// One attempt: waits for a slot until `wait_end`, then gives the call until `end`.
     async fn call_once(
         &self,
         request: &CreateChatCompletionRequest,
+        wait_end: Instant,
         end: Instant,
     ) -> Result<Completion, TransportError> {
         let permit = tokio::select! {
             permit = self.limit.acquire() => permit,
-            _ = tokio::time::sleep_until(end) => return Err(TransportError::Deadline),
+            _ = tokio::time::sleep_until(wait_end) => return Err(TransportError::Deadline),
         };
         let remaining = end.saturating_duration_since(Instant::now());
         if remaining.is_zero() {

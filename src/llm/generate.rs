@@ -91,7 +91,7 @@ pub async fn generate(
     // with one copy of it, not three); it is built again for a re-ask that starts over.
     let messages = strategy.conversation(to_openai_messages(prompt.messages));
     let mut job = Job { prompt: &prompt, settings, trace: CallTrace::default(), messages, last_failure: None };
-    let mut given_up: Vec<String> = Vec::new();
+    let mut given_up: Vec<(&str, String)> = Vec::new();
     for (index, model) in prompt.models.iter().enumerate() {
         let (provider, client) = providers.for_model(model);
         let next = prompt.models.get(index + 1);
@@ -107,20 +107,25 @@ pub async fn generate(
                 (error, Some(last))
             }
         };
-        let Some(next) = next else {
+        // Past the job's deadline or the delivery's hold, no other model has time either.
+        let in_time = Instant::now() < prompt.deadline.min(prompt.hold);
+        let Some(next) = next.filter(|_| in_time) else {
             if let Some(last) = unavailable {
+                // Its earlier models' calls are made again when it runs again.
                 return Err(ProviderUnavailable(last));
             }
             if given_up.is_empty() {
                 return Ok(Generation { outcome: Err(error), trace: job.trace });
             }
-            given_up.push(format!("{model}: {}", error.message));
-            let message = format!("every model failed: {}", given_up.join("; "));
-            return Ok(Generation { outcome: Err(JobError::new(error.kind, message)), trace: job.trace });
+            given_up.push((model, error.message));
+            return Ok(Generation {
+                outcome: Err(JobError::new(error.kind, every_model_failed(&given_up))),
+                trace: job.trace,
+            });
         };
         tracing::warn!(%model, %next, error = %error.message, "the model gave up; falling back to the next");
         providers.metrics().fallback(prompt.kind.name());
-        given_up.push(format!("{model}: {}", error.message));
+        given_up.push((model, error.message));
     }
     unreachable!("a job has at least one model")
 }
@@ -316,6 +321,18 @@ impl Job<'_, '_> {
     }
 }
 
+/// The failure of a job every model of which gave up: each model with its error, each given
+/// its share of the message's bound, so that the last one is never cut off.
+fn every_model_failed(given_up: &[(&str, String)]) -> String {
+    const PREFIX: &str = "every model failed: ";
+    let share = ((crate::text::MAX_MESSAGE_BYTES - PREFIX.len()) / given_up.len().max(1)).saturating_sub(2);
+    let parts: Vec<String> = given_up
+        .iter()
+        .map(|(model, error)| crate::text::clip(&format!("{model}: {error}"), share).into_owned())
+        .collect();
+    format!("{PREFIX}{}", parts.join("; "))
+}
+
 /// The span of one model call, with the OpenTelemetry GenAI attributes known before it.
 fn call_span(model: &str, provider: &str, attempt: u32, max_tokens: u32) -> tracing::Span {
     let span = tracing::info_span!(
@@ -390,4 +407,20 @@ const CANCELLED_WAITING: &str = "cancelled by an operator before its next model 
 
 fn cancelled(message: &str) -> JobError {
     JobError::new(ErrorKind::Cancelled, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_model_is_named_in_a_failure_that_fits_a_message() {
+        let long = "x".repeat(5000);
+        let given_up = [("small", long.clone()), ("medium", long), ("large", "no valid answer".to_owned())];
+        let message = every_model_failed(&given_up);
+        assert!(message.len() <= crate::text::MAX_MESSAGE_BYTES, "{}", message.len());
+        assert!(message.starts_with("every model failed: small: xxx"), "{message}");
+        assert!(message.contains("…; medium: xxx"), "{message}");
+        assert!(message.ends_with("; large: no valid answer"), "the last model's error is whole: {message}");
+    }
 }

@@ -139,8 +139,9 @@ impl Store {
                     ON CONFLICT (job_id) DO NOTHING
                     RETURNING job_id
                  )
-                 INSERT INTO event_outbox (event_id, job_id, routing_key, correlation_id, reply_to, payload)
-                 SELECT $8, job_id, $7, $9, $10, $6::jsonb FROM job
+                 INSERT INTO event_outbox
+                        (event_id, job_id, routing_key, correlation_id, reply_to, payload, traceparent, tracestate)
+                 SELECT $8, job_id, $7, $9, $10, $6::jsonb, $11, $12 FROM job
                  RETURNING event_id",
                 [
                     job.job_id.into(),
@@ -153,6 +154,8 @@ impl Store {
                     outbox.event_id.into(),
                     job.correlation_id.into(),
                     outbox.reply_to.clone().into(),
+                    job.trace.map(|trace| trace.traceparent.clone()).into(),
+                    job.trace.and_then(|trace| trace.tracestate.clone()).into(),
                 ],
             ))
             .await?;

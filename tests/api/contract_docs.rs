@@ -54,6 +54,9 @@ fn the_documented_request_schema_accepts_exactly_what_the_daemon_accepts() {
         json!({"entity": "hero", "messages": user, "max_retries": -1}),
         json!({"entity": "hero", "messages": user, "max_retries": "2"}),
         json!({"entity": "hero", "messages": user, "model": ""}),
+        // Model names up to 256 characters (not bytes).
+        json!({"entity": "hero", "messages": user, "model": "é".repeat(256)}),
+        json!({"entity": "hero", "messages": user, "model": "m".repeat(257)}),
         json!({"entity": 5, "messages": user}),
         json!({"entity": "hero", "messages": user, "mode": "json_schema"}),
         json!({"entity": "hero", "messages": user, "mode": null}),
