@@ -56,10 +56,32 @@ pub struct Application {
 /// Connects to Postgres (without logging SQL, which could carry request contents); fails if
 /// it cannot now.
 pub async fn connect_database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
-    connect_pool(settings, settings.database.max_connections, false).await
+    connect_pool(settings, settings.database.max_connections, false, Planning::PerExecution).await
 }
 
-async fn connect_pool(settings: &Settings, max_connections: u32, lazy: bool) -> anyhow::Result<DatabaseConnection> {
+/// How a session's statements are planned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Planning {
+    /// Each execution for its parameters, against the tables as they are now
+    /// (`plan_cache_mode = force_custom_plan`): for every query whose best plan depends on the
+    /// tables' sizes (the relay, retention, cancels, the console, the command line). A plan
+    /// cached while a table was small would scan it long after it has grown.
+    PerExecution,
+    /// Once per session and statement (Postgres's default), with sequential scans off: for the
+    /// batched writes only ([`crate::store::Store::with_write_pool`]), which reach rows by
+    /// primary key alone. Planned per execution they spent as long planning as executing (the
+    /// README's "Performance"); the plan a session caches while the tables are small is then
+    /// still a primary-key probe when they are large (`tests/api/plans.rs`), where with
+    /// sequential scans on it is a scan of the whole table.
+    KeyProbes,
+}
+
+async fn connect_pool(
+    settings: &Settings,
+    max_connections: u32,
+    lazy: bool,
+    planning: Planning,
+) -> anyhow::Result<DatabaseConnection> {
     let mut options = ConnectOptions::new(settings.database.url.expose_secret().to_owned());
     options
         .max_connections(max_connections)
@@ -72,7 +94,7 @@ async fn connect_pool(settings: &Settings, max_connections: u32, lazy: bool) -> 
         .sqlx_logging(false)
         .connect_lazy(lazy);
     let ca_file = settings.database.ca_file.clone();
-    options.map_sqlx_postgres_opts(move |pg| tune(pg, &ca_file));
+    options.map_sqlx_postgres_opts(move |pg| tune(pg, &ca_file, planning));
     Database::connect(options)
         .await
         .with_context(|| format!("cannot connect to Postgres at {}", redacted_url(&settings.database.url)))
@@ -92,23 +114,32 @@ async fn connect_console_pool(settings: &Settings) -> anyhow::Result<DatabaseCon
     let ca_file = settings.database.ca_file.clone();
     options.map_sqlx_postgres_opts(move |pg| {
         let timeout = format!("{}ms", CONSOLE_STATEMENT_TIMEOUT.as_millis());
-        tune(pg, &ca_file).options([("statement_timeout", timeout.as_str())]).application_name("instructd-console")
+        tune(pg, &ca_file, Planning::PerExecution)
+            .options([("statement_timeout", timeout.as_str())])
+            .application_name("instructd-console")
     });
     Database::connect(options)
         .await
         .with_context(|| format!("cannot connect to Postgres at {}", redacted_url(&settings.database.url)))
 }
 
+impl Planning {
+    /// The session settings that make it so.
+    pub fn settings(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Planning::PerExecution => &[("plan_cache_mode", "force_custom_plan")],
+            Planning::KeyProbes => &[("plan_cache_mode", "auto"), ("enable_seqscan", "off")],
+        }
+    }
+}
+
 /// The longest a console query may run.
 const CONSOLE_STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What every instructd session sets on its connection options.
-fn tune(pg: PgConnectOptions, ca_file: &str) -> PgConnectOptions {
+fn tune(pg: PgConnectOptions, ca_file: &str, planning: Planning) -> PgConnectOptions {
     use sqlx::ConnectOptions as _;
-    // Plan each statement for its parameters, against the tables as they are now. A plan
-    // cached while a table was small would scan it (or an index full of dead entries) long
-    // after it has grown; the few statements instructd runs are cheap to plan.
-    let pg = pg.options([("plan_cache_mode", "force_custom_plan")]).disable_statement_logging();
+    let pg = pg.options(planning.settings().iter().copied()).disable_statement_logging();
     // Added to the system's roots, for sslmode=verify-ca / verify-full.
     if ca_file.is_empty() { pg } else { pg.ssl_root_cert(ca_file) }
 }
@@ -121,13 +152,13 @@ fn presence_options(settings: &Settings) -> anyhow::Result<PgConnectOptions> {
         .expose_secret()
         .parse()
         .with_context(|| format!("database.url: not a Postgres URL ({})", redacted_url(&settings.database.url)))?;
-    Ok(tune(pg, &settings.database.ca_file).application_name("instructd-presence"))
+    Ok(tune(pg, &settings.database.ca_file, Planning::PerExecution).application_name("instructd-presence"))
 }
 
 /// Applies pending migrations, instructd's then the application's. Replicas that start
 /// together take turns under `store::migration_lock`, polled every 250 to 500 ms (jittered).
 pub async fn migrate(settings: &Settings, db: &DatabaseConnection, app: &App) -> anyhow::Result<()> {
-    let session = connect_pool(settings, 1, false).await?;
+    let session = connect_pool(settings, 1, false, Planning::PerExecution).await?;
     let mut polls =
         ConstantBuilder::new().with_delay(Duration::from_millis(250)).with_jitter().without_max_times().build();
     let mut waited = false;
@@ -152,7 +183,8 @@ impl Application {
         settings.http.check_console_access()?;
         let listener = http::bind(settings.http.listen).await?;
         let http_addr = listener.local_addr()?;
-        let db = connect_pool(&settings, settings.database.max_connections, true).await?;
+        let db = connect_pool(&settings, settings.database.max_connections, true, Planning::PerExecution).await?;
+        let writes = connect_pool(&settings, crate::store::WRITE_CONNECTIONS, true, Planning::KeyProbes).await?;
         let presence_options = presence_options(&settings)?;
         let registry = app.registry().clone();
         let strategies =
@@ -164,8 +196,9 @@ impl Application {
         settings.check_fallback_entities(|entity| registry.get(entity).is_some())?;
         let llm = Providers::new(&settings, metrics.clone())?;
         let presence = Presence::new(metrics.clone());
-        let store = Store::new(
+        let store = Store::with_write_pool(
             db,
+            writes,
             StoreSettings {
                 worker_id: presence.worker_id(),
                 takeover_after: Duration::from_secs(settings.worker.takeover_after_secs),

@@ -137,49 +137,7 @@ async fn try_claim_batch(
     // last one of its status in the outbox.
     let claimed = db
         .query_all_raw(stmt(
-            "WITH batch AS (
-                SELECT * FROM jsonb_to_recordset($2::jsonb) AS b(job_id uuid, entity text, request jsonb, token uuid)
-                 LIMIT $1
-             ), claimed AS (
-                INSERT INTO generation_job (job_id, entity, status, attempts, request, claim_token, claimed_by)
-                SELECT job_id, entity, 'running', 0, request, token, $3 FROM batch
-                ON CONFLICT (job_id) DO UPDATE
-                   SET claim_token = EXCLUDED.claim_token,
-                       -- A job cancelled before any worker took it (`store::jobs::cancel`) has no
-                       -- request yet: this delivery's.
-                       entity = CASE WHEN generation_job.request = 'null'::jsonb THEN EXCLUDED.entity
-                                     ELSE generation_job.entity END,
-                       request = CASE WHEN generation_job.request = 'null'::jsonb THEN EXCLUDED.request
-                                      ELSE generation_job.request END,
-                       claimed_by = EXCLUDED.claimed_by,
-                       takeovers = generation_job.takeovers
-                                   + CASE WHEN generation_job.claim_token IS NULL THEN 0 ELSE 1 END,
-                       lease_expires_at = NULL,
-                       updated_at = now()
-                 WHERE generation_job.status = 'running' AND (
-                          generation_job.claim_token IS NULL
-                       OR generation_job.claimed_by = $3
-                       OR (generation_job.claimed_by IS NULL AND generation_job.lease_expires_at < now())
-                       OR (generation_job.claimed_by IS NOT NULL AND (
-                              NOT EXISTS (SELECT 1 FROM worker
-                                           WHERE worker.worker_id = generation_job.claimed_by
-                                             AND worker.seen_at > now() - make_interval(secs => $4))
-                           OR pg_try_advisory_xact_lock(generation_job.claimed_by))))
-                RETURNING job_id, claim_token, takeovers, cancel_requested_at IS NOT NULL AS cancel_requested
-             )
-             SELECT batch.job_id, claimed.claim_token, claimed.takeovers, claimed.cancel_requested, job.status,
-                    coalesce(extract(epoch FROM now() - job.created_at), 0)::float8 AS age_secs,
-                    coalesce(job.event, earlier.payload) AS event,
-                    coalesce(job.event_routing_key, earlier.routing_key) AS event_routing_key
-               FROM batch
-               LEFT JOIN claimed ON claimed.job_id = batch.job_id
-               LEFT JOIN generation_job job ON job.job_id = batch.job_id
-               LEFT JOIN LATERAL (
-                    SELECT payload, routing_key FROM event_outbox
-                     WHERE job.event IS NULL AND job.status IN ('succeeded', 'failed')
-                       AND event_outbox.job_id = job.job_id AND event_outbox.payload->>'status' = job.status
-                     ORDER BY event_outbox.created_at DESC LIMIT 1
-               ) earlier ON true",
+            CLAIM_BATCH_SQL,
             [count.into(), rows.into(), settings.worker_id.into(), settings.takeover_after.as_secs_f64().into()],
         ))
         .await?;
@@ -224,3 +182,49 @@ async fn try_claim_batch(
         })
         .collect()
 }
+
+/// The statement that claims a batch: `$1` its size, `$2` its rows as a JSON array, `$3` the worker id, `$4` the takeover bound in seconds.
+/// (Public for the test of its plans, `tests/api/plans.rs`.)
+pub const CLAIM_BATCH_SQL: &str = "WITH batch AS (
+                SELECT * FROM jsonb_to_recordset($2::jsonb) AS b(job_id uuid, entity text, request jsonb, token uuid)
+                 LIMIT $1
+             ), claimed AS (
+                INSERT INTO generation_job (job_id, entity, status, attempts, request, claim_token, claimed_by)
+                SELECT job_id, entity, 'running', 0, request, token, $3 FROM batch
+                ON CONFLICT (job_id) DO UPDATE
+                   SET claim_token = EXCLUDED.claim_token,
+                       -- A job cancelled before any worker took it (`store::jobs::cancel`) has no
+                       -- request yet: this delivery's.
+                       entity = CASE WHEN generation_job.request = 'null'::jsonb THEN EXCLUDED.entity
+                                     ELSE generation_job.entity END,
+                       request = CASE WHEN generation_job.request = 'null'::jsonb THEN EXCLUDED.request
+                                      ELSE generation_job.request END,
+                       claimed_by = EXCLUDED.claimed_by,
+                       takeovers = generation_job.takeovers
+                                   + CASE WHEN generation_job.claim_token IS NULL THEN 0 ELSE 1 END,
+                       lease_expires_at = NULL,
+                       updated_at = now()
+                 WHERE generation_job.status = 'running' AND (
+                          generation_job.claim_token IS NULL
+                       OR generation_job.claimed_by = $3
+                       OR (generation_job.claimed_by IS NULL AND generation_job.lease_expires_at < now())
+                       OR (generation_job.claimed_by IS NOT NULL AND (
+                              NOT EXISTS (SELECT 1 FROM worker
+                                           WHERE worker.worker_id = generation_job.claimed_by
+                                             AND worker.seen_at > now() - make_interval(secs => $4))
+                           OR pg_try_advisory_xact_lock(generation_job.claimed_by))))
+                RETURNING job_id, claim_token, takeovers, cancel_requested_at IS NOT NULL AS cancel_requested
+             )
+             SELECT batch.job_id, claimed.claim_token, claimed.takeovers, claimed.cancel_requested, job.status,
+                    coalesce(extract(epoch FROM now() - job.created_at), 0)::float8 AS age_secs,
+                    coalesce(job.event, earlier.payload) AS event,
+                    coalesce(job.event_routing_key, earlier.routing_key) AS event_routing_key
+               FROM batch
+               LEFT JOIN claimed ON claimed.job_id = batch.job_id
+               LEFT JOIN generation_job job ON job.job_id = batch.job_id
+               LEFT JOIN LATERAL (
+                    SELECT payload, routing_key FROM event_outbox
+                     WHERE job.event IS NULL AND job.status IN ('succeeded', 'failed')
+                       AND event_outbox.job_id = job.job_id AND event_outbox.payload->>'status' = job.status
+                     ORDER BY event_outbox.created_at DESC LIMIT 1
+               ) earlier ON true";

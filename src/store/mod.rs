@@ -59,13 +59,17 @@ pub struct StoreSettings {
 
 // The batched statements read their batch from one JSON parameter with
 // `jsonb_to_recordset`, which handles NULLs and any column type, and bound it with
-// `LIMIT <batch size>`, so that the planner knows how many rows it joins: with the
-// sessions' `plan_cache_mode = force_custom_plan` (see `startup::connect_pool`), a few
-// primary-key probes, never a scan of the whole table or of an index full of dead entries.
+// `LIMIT <batch size>`. They reach rows by primary key only: on the write pool's sessions
+// (`startup::Planning::KeyProbes`, sequential scans off) the plan each session caches for
+// them is a few primary-key probes whatever the tables' sizes, never a scan of a table.
 
 /// Writers per kind of batched write. One: while it writes a batch, the next one grows.
 /// (Two writers made smaller batches and cost 5-10% of the throughput in the benchmark.)
 const WRITERS: usize = 1;
+
+/// The connections of the batched writes' own pool ([`Store::with_write_pool`]): one for
+/// each writer of claims, outcomes and "published" marks.
+pub const WRITE_CONNECTIONS: u32 = 3 * WRITERS as u32;
 
 /// How long the writer of "published" marks waits for more before writing. A mark holds
 /// up no job (it comes after the ack and the confirm, outside the job's slot and the bound
@@ -91,22 +95,31 @@ impl Store {
     ///
     /// Must be called within a Tokio runtime.
     pub fn new(db: DatabaseConnection, settings: StoreSettings) -> Self {
+        Self::with_write_pool(db.clone(), db, settings)
+    }
+
+    /// Like [`new`](Self::new), with the batched writes on a pool of their own (`writes`,
+    /// whose sessions keep their plans: see `startup::Planning::KeyProbes`), and every other
+    /// query on `db`.
+    ///
+    /// Must be called within a Tokio runtime.
+    pub fn with_write_pool(db: DatabaseConnection, writes: DatabaseConnection, settings: StoreSettings) -> Self {
         let claims = Batcher::spawn(WRITERS, {
-            let db = db.clone();
+            let db = writes.clone();
             move |batch| {
                 let db = db.clone();
                 async move { claims::claim_batch(&db, batch, settings).await }
             }
         });
         let outcomes = Batcher::spawn(WRITERS, {
-            let db = db.clone();
+            let db = writes.clone();
             move |batch| {
                 let db = db.clone();
                 async move { outcomes::finish_batch(&db, batch).await }
             }
         });
         let published = Batcher::spawn_lingering(WRITERS, MARK_LINGER, {
-            let db = db.clone();
+            let db = writes;
             move |batch| {
                 let db = db.clone();
                 async move { outbox::mark_published_batch(&db, batch).await }

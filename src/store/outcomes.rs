@@ -231,9 +231,23 @@ async fn try_finish_batch(db: &DatabaseConnection, batch: &[Arc<Finish>]) -> Res
     }
     rows.push(']');
     let txn = db.begin().await?;
-    let stored = txn
-        .query_all_raw(stmt(
-            "WITH batch AS (
+    let stored = txn.query_all_raw(stmt(FINISH_BATCH_SQL, [(batch.len() as i64).into(), rows.into()])).await?;
+    let stored: HashSet<Uuid> = stored.iter().map(|row| row.try_get("", "event_id")).collect::<Result<_, _>>()?;
+    let result: Vec<bool> = batch.iter().map(|finish| stored.contains(&finish.event.event_id)).collect();
+    let records: Vec<&dyn Record> = batch
+        .iter()
+        .zip(&result)
+        .filter(|(_, kept)| **kept)
+        .filter_map(|(finish, _)| finish.record.as_deref())
+        .collect();
+    insert_records(&records, &txn).await?;
+    txn.commit().await?;
+    Ok(result)
+}
+
+/// The statement that records a batch of outcomes: `$1` its size, `$2` its rows as a JSON array.
+/// (Public for the test of its plans, `tests/api/plans.rs`.)
+pub const FINISH_BATCH_SQL: &str = "WITH batch AS (
                 SELECT * FROM jsonb_to_recordset($2::jsonb) AS b(
                     job_id uuid, token uuid, status text, attempts int, record_id uuid, error jsonb, usage jsonb,
                     responses jsonb, calls jsonb, event_id uuid, routing_key text, correlation_id text, reply_to text, payload jsonb,
@@ -257,22 +271,7 @@ async fn try_finish_batch(db: &DatabaseConnection, batch: &[Arc<Finish>]) -> Res
                        batch.traceparent, batch.tracestate
                   FROM batch JOIN finished USING (event_id)
              )
-             SELECT event_id FROM finished",
-            [(batch.len() as i64).into(), rows.into()],
-        ))
-        .await?;
-    let stored: HashSet<Uuid> = stored.iter().map(|row| row.try_get("", "event_id")).collect::<Result<_, _>>()?;
-    let result: Vec<bool> = batch.iter().map(|finish| stored.contains(&finish.event.event_id)).collect();
-    let records: Vec<&dyn Record> = batch
-        .iter()
-        .zip(&result)
-        .filter(|(_, kept)| **kept)
-        .filter_map(|(finish, _)| finish.record.as_deref())
-        .collect();
-    insert_records(&records, &txn).await?;
-    txn.commit().await?;
-    Ok(result)
-}
+             SELECT event_id FROM finished";
 
 #[cfg(test)]
 mod tests {

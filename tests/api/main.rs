@@ -23,6 +23,7 @@ mod idempotency;
 mod modes;
 mod operating;
 mod outages;
+mod plans;
 mod retention;
 mod retries;
 mod security;
