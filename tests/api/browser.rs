@@ -142,6 +142,20 @@ impl Browser {
         self.get("/url").await.as_str().unwrap_or_default().to_owned()
     }
 
+    /// The page's address once `arrived` holds for it (a click on a form's button returns
+    /// before the browser has navigated, on a loaded machine well before), or after 30 s
+    /// the address it is still at, for the assertion to show.
+    async fn url_when(&self, arrived: impl Fn(&str) -> bool) -> String {
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let url = self.url().await;
+            if arrived(&url) || std::time::Instant::now() > give_up {
+                return url;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// The text of an open JavaScript dialog (`alert(…)`), if one is open.
     async fn alert(&self) -> Option<String> {
         self.get("/alert/text").await.as_str().map(str::to_owned)
@@ -206,19 +220,21 @@ async fn an_operator_finds_a_failed_job_reads_its_attempts_and_replays_it_into_a
     browser.open(&format!("{console}/login")).await;
     browser.type_into("input[name=token]", TOKEN).await;
     browser.click("form button[type=submit]").await;
-    assert_eq!(browser.url().await, format!("{console}/"), "signed in, on the overview");
+    let overview = format!("{console}/");
+    assert_eq!(browser.url_when(|url| url == overview).await, overview, "signed in, on the overview");
 
     // The jobs list, filtered to the failed ones with the form.
     browser.open(&format!("{console}/jobs")).await;
     browser.click("select[name=status] option[value=failed]").await;
     browser.click("form.filters button[type=submit]").await;
-    assert!(browser.url().await.contains("status=failed"));
+    assert!(browser.url_when(|url| url.contains("status=failed")).await.contains("status=failed"));
     let listed = browser.text("table#jobs").await;
     assert!(listed.contains(&failed.to_string()) && !listed.contains(&succeeded.to_string()), "{listed}");
 
     // The failed job: both attempts, each answer beside what was wrong with it.
     browser.click(&format!("a[href='/jobs/{failed}']")).await;
-    assert_eq!(browser.url().await, format!("{console}/jobs/{failed}"));
+    let failed_page = format!("{console}/jobs/{failed}");
+    assert_eq!(browser.url_when(|url| url == failed_page).await, failed_page);
     assert_eq!(browser.count(".attempt-box").await, 2);
     let first = browser.text("#attempt-1").await;
     assert!(first.contains(r#""name": "Spider-Man""#) && first.contains("secret_name: field required"), "{first}");
@@ -231,7 +247,7 @@ async fn an_operator_finds_a_failed_job_reads_its_attempts_and_replays_it_into_a
     // Replay it on the large model, and watch the new job succeed.
     browser.type_into("form#replay input[name=model]", "large-model").await;
     browser.click("form#replay button[type=submit]").await;
-    let replayed = browser.url().await;
+    let replayed = browser.url_when(|url| url != failed_page).await;
     let new: Uuid =
         replayed.rsplit('/').next().unwrap().parse().unwrap_or_else(|_| panic!("on the new job: {replayed}"));
     assert_ne!(new, failed);
