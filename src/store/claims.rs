@@ -124,17 +124,6 @@ async fn try_claim_batch(
     }
     let count = rows.len() as i64;
     let rows = serde_json::to_string(&rows).expect("claims serialize");
-    // The statement's snapshot predates its own inserts and updates: a row the CTE claimed
-    // comes back through `claimed`; one it could not claim through `generation_job` as it
-    // was (`NULL` only if another transaction inserted it meanwhile: a claim just taken).
-    //
-    // A running row is taken over when its claim was handed back (no token), when it is this
-    // worker's own (the caller is not running it), when its worker is gone — no fresh
-    // heartbeat, or its session's advisory lock is free (`pg_try_advisory_xact_lock` takes
-    // it only if nobody holds it, and lets go at the end of this statement) — or, for a claim
-    // of an instructd from before heartbeats, when its lease expired. A finished job is
-    // answered with the event on its row, or (finished before events were kept there) the
-    // last one of its status in the outbox.
     let claimed = db
         .query_all_raw(stmt(
             CLAIM_BATCH_SQL,
@@ -183,8 +172,21 @@ async fn try_claim_batch(
         .collect()
 }
 
-/// The statement that claims a batch: `$1` its size, `$2` its rows as a JSON array, `$3` the worker id, `$4` the takeover bound in seconds.
-/// (Public for the test of its plans, `tests/api/plans.rs`.)
+/// The statement that claims a batch: `$1` its size, `$2` its rows as a JSON array, `$3`
+/// the worker id, `$4` the takeover bound in seconds. (Public for the test of its plans,
+/// `tests/api/plans.rs`.)
+///
+/// The statement's snapshot predates its own inserts and updates: a row the CTE claimed
+/// comes back through `claimed`; one it could not claim through `generation_job` as it
+/// was (`NULL` only if another transaction inserted it meanwhile: a claim just taken).
+///
+/// A running row is taken over when its claim was handed back (no token), when it is this
+/// worker's own (the caller is not running it), when its worker is gone — no fresh
+/// heartbeat, or its session's advisory lock is free (`pg_try_advisory_xact_lock` takes
+/// it only if nobody holds it, and lets go at the end of this statement) — or, for a claim
+/// of an instructd from before heartbeats, when its lease expired. A finished job is
+/// answered with the event on its row, or (finished before events were kept there) the
+/// last one of its status in the outbox.
 pub const CLAIM_BATCH_SQL: &str = "WITH batch AS (
                 SELECT * FROM jsonb_to_recordset($2::jsonb) AS b(job_id uuid, entity text, request jsonb, token uuid)
                  LIMIT $1

@@ -245,8 +245,8 @@ async fn try_finish_batch(db: &DatabaseConnection, batch: &[Arc<Finish>]) -> Res
     Ok(result)
 }
 
-/// The statement that records a batch of outcomes: `$1` its size, `$2` its rows as a JSON array.
-/// (Public for the test of its plans, `tests/api/plans.rs`.)
+/// The statement that records a batch of outcomes: `$1` its size, `$2` its rows as a JSON
+/// array. (Public for the test of its plans, `tests/api/plans.rs`.)
 pub const FINISH_BATCH_SQL: &str = "WITH batch AS (
                 SELECT * FROM jsonb_to_recordset($2::jsonb) AS b(
                     job_id uuid, token uuid, status text, attempts int, record_id uuid, error jsonb, usage jsonb,
