@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use async_openai::types::chat::CreateChatCompletionRequest;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use serde::Deserialize;
 use serde_json::Value;
@@ -16,6 +15,7 @@ use tokio::time::Instant;
 
 use super::circuit::{Circuit, CircuitState};
 use super::limit::AdaptiveLimit;
+use super::modes::ChatRequest;
 use super::retry::{RetryPolicy, TransportError, parse_retry_after};
 use crate::config::LlmSettings;
 use crate::contract::Usage;
@@ -184,7 +184,7 @@ impl LlmClient {
     /// [`CallError::Unavailable`] lets the job fall back to another model.
     pub async fn complete(
         &self,
-        request: &CreateChatCompletionRequest,
+        request: &ChatRequest<'_>,
         deadline: Instant,
         hold: Instant,
         patience: Option<Instant>,
@@ -263,7 +263,7 @@ impl LlmClient {
     /// One attempt: waits for a slot until `wait_end`, then gives the call until `end`.
     async fn call_once(
         &self,
-        request: &CreateChatCompletionRequest,
+        request: &ChatRequest<'_>,
         wait_end: Instant,
         end: Instant,
     ) -> Result<Completion, TransportError> {
@@ -300,7 +300,7 @@ impl LlmClient {
     /// Sends `request` once, over the next of the HTTP clients: the provider's JSON answer.
     /// Reads at most `llm.max_response_bytes` of it (a provider cannot make the daemon buffer
     /// without bound); a non-2xx answer keeps its status, `Retry-After` and message.
-    async fn post(&self, request: &CreateChatCompletionRequest) -> Result<Value, TransportError> {
+    async fn post(&self, request: &ChatRequest<'_>) -> Result<Value, TransportError> {
         let body = serde_json::to_vec(request)
             .map_err(|e| TransportError::Malformed(format!("the request cannot be serialized: {e}")))?;
         let http = &self.http[self.turn.fetch_add(1, Ordering::Relaxed) % self.http.len()];

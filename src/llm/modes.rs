@@ -12,10 +12,12 @@ use std::collections::HashMap;
 use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestAssistantMessageContent, ChatCompletionRequestMessage,
     ChatCompletionRequestSystemMessage, ChatCompletionRequestSystemMessageContent,
-    ChatCompletionRequestSystemMessageContentPart, ChatCompletionRequestUserMessage, CreateChatCompletionRequest,
-    ResponseFormat, ResponseFormatJsonSchema,
+    ChatCompletionRequestSystemMessageContentPart, ChatCompletionRequestUserMessage, ResponseFormat,
+    ResponseFormatJsonSchema,
 };
+use serde::Serialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::client::Completion;
 use super::strict::strict_schema;
@@ -58,7 +60,34 @@ pub enum Strategy {
 pub struct JsonSpec {
     /// The system message that carries the schema.
     instruction: String,
-    format: ResponseFormat,
+    /// The request's `response_format`, serialized once (see [`ChatRequest`]).
+    format: Box<RawValue>,
+}
+
+/// A chat-completions request as instructd sends it (the fields of async-openai's
+/// `CreateChatCompletionRequest` that it sets, in their order): the job's conversation and
+/// limits, and its strategy's fixed part — the tool or the response format, which carry the
+/// entity's schema — as bytes serialized once at start-up. A job waiting on its model holds
+/// no copy of the schema, and no call clones one.
+#[derive(Serialize)]
+pub struct ChatRequest<'s> {
+    pub messages: Vec<ChatCompletionRequestMessage>,
+    pub model: &'s str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<&'s RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tools: Option<&'s RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<&'s RawValue>,
+}
+
+/// `value` serialized, for a [`ChatRequest`]'s fixed part.
+pub(super) fn raw(value: &impl Serialize) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).expect("request parts serialize to JSON")
 }
 
 impl Strategy {
@@ -107,23 +136,25 @@ impl Strategy {
     }
 
     /// The chat-completions request for `messages`.
-    pub fn request(
-        &self,
-        model: &str,
+    pub fn request<'s>(
+        &'s self,
+        model: &'s str,
         messages: Vec<ChatCompletionRequestMessage>,
         max_tokens: u32,
         temperature: Option<f32>,
-    ) -> CreateChatCompletionRequest {
-        let mut request = CreateChatCompletionRequest {
-            model: model.to_owned(),
+    ) -> ChatRequest<'s> {
+        let mut request = ChatRequest {
             messages,
+            model,
             max_completion_tokens: (max_tokens > 0).then_some(max_tokens),
+            response_format: None,
             temperature,
-            ..Default::default()
+            tools: None,
+            tool_choice: None,
         };
         match self {
             Strategy::Tools(tool) => tool.apply(&mut request),
-            Strategy::Json(spec) => request.response_format = Some(spec.format.clone()),
+            Strategy::Json(spec) => request.response_format = Some(&spec.format),
         }
         request
     }
@@ -176,7 +207,7 @@ impl JsonSpec {
              {pretty}\n\n\
              Make sure to return an instance of the JSON, not the schema itself"
         );
-        Self { instruction, format }
+        Self { instruction, format: raw(&format) }
     }
 }
 

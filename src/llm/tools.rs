@@ -10,21 +10,22 @@ use async_openai::types::chat::{
     ChatCompletionRequestSystemMessage, ChatCompletionRequestSystemMessageContent,
     ChatCompletionRequestSystemMessageContentPart, ChatCompletionRequestToolMessage, ChatCompletionRequestUserMessage,
     ChatCompletionRequestUserMessageContent, ChatCompletionRequestUserMessageContentPart, ChatCompletionTool,
-    ChatCompletionToolChoiceOption, ChatCompletionTools, CreateChatCompletionRequest, FunctionCall, FunctionName,
-    FunctionObject,
+    ChatCompletionToolChoiceOption, ChatCompletionTools, FunctionCall, FunctionName, FunctionObject,
 };
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::client::Completion;
+use super::modes::{ChatRequest, raw};
 use crate::contract::{ChatMessage, Content, ContentPart, ImageDetail, Role};
 
 /// The function tool for one entity.
 pub struct ToolSpec {
     name: String,
-    description: String,
-    parameters: Value,
-    /// Strict function calling: `parameters` were rewritten by [`super::strict`].
-    strict: bool,
+    /// The request's `tools` and `tool_choice`, serialized once: every call sends the same
+    /// bytes, and a job waiting on its model holds no copy of the schema.
+    tools: Box<RawValue>,
+    tool_choice: Box<RawValue>,
 }
 
 /// What the model answered, read in tools mode.
@@ -47,22 +48,24 @@ impl ToolSpec {
         let description = schema.get("description").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| {
             format!("Correctly extracted `{title}` with all the required parameters with correct types")
         });
-        Self { name: title.to_owned(), description, parameters, strict }
+        let tools = [ChatCompletionTools::Function(ChatCompletionTool {
+            function: FunctionObject {
+                name: title.to_owned(),
+                description: Some(description),
+                parameters: Some(parameters),
+                strict: strict.then_some(true),
+            },
+        })];
+        let tool_choice = ChatCompletionToolChoiceOption::Function(ChatCompletionNamedToolChoice {
+            function: FunctionName { name: title.to_owned() },
+        });
+        Self { name: title.to_owned(), tools: raw(&tools), tool_choice: raw(&tool_choice) }
     }
 
     /// Offers the tool in `request` and forces it with `tool_choice`.
-    pub fn apply(&self, request: &mut CreateChatCompletionRequest) {
-        request.tools = Some(vec![ChatCompletionTools::Function(ChatCompletionTool {
-            function: FunctionObject {
-                name: self.name.clone(),
-                description: Some(self.description.clone()),
-                parameters: Some(self.parameters.clone()),
-                strict: self.strict.then_some(true),
-            },
-        })]);
-        request.tool_choice = Some(ChatCompletionToolChoiceOption::Function(ChatCompletionNamedToolChoice {
-            function: FunctionName { name: self.name.clone() },
-        }));
+    pub fn apply<'s>(&'s self, request: &mut ChatRequest<'s>) {
+        request.tools = Some(&self.tools);
+        request.tool_choice = Some(&self.tool_choice);
     }
 
     /// Reads the answer out of a completion.
