@@ -44,8 +44,8 @@ pub struct CallTrace {
     pub attempts: u32,
     /// Tokens summed over every answered call.
     pub usage: Usage,
-    /// Every raw response, in order.
-    pub responses: Vec<Value>,
+    /// Every raw response, in order, as the provider sent it.
+    pub responses: Vec<Box<RawValue>>,
     /// Every call, in order: each answered call (with `usage`) has the next of `responses`;
     /// a call that failed without an answer has none.
     pub calls: Vec<Call>,

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use super::circuit::{Circuit, CircuitState};
@@ -48,14 +49,18 @@ pub struct LlmClient {
     metrics: Metrics,
 }
 
-/// One successful call: the raw response as the provider sent it (kept on the job row)
-/// and the parts of it instructd reads.
+/// One successful call: the raw response as the provider sent it (kept on the job row, as
+/// its text: it is read once, into the parts instructd reads, not built as a tree as well)
+/// and those parts.
 #[derive(Debug, Clone)]
 pub struct Completion {
-    pub raw: Value,
+    pub raw: Box<RawValue>,
     pub message: ResponseMessage,
     pub finish_reason: Option<String>,
     pub usage: Usage,
+    /// The answer's `id` and `model` (for the call's span), when they are strings.
+    pub id: Option<String>,
+    pub model: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -297,10 +302,11 @@ impl LlmClient {
         result
     }
 
-    /// Sends `request` once, over the next of the HTTP clients: the provider's JSON answer.
+    /// Sends `request` once, over the next of the HTTP clients: the body of the provider's
+    /// answer.
     /// Reads at most `llm.max_response_bytes` of it (a provider cannot make the daemon buffer
     /// without bound); a non-2xx answer keeps its status, `Retry-After` and message.
-    async fn post(&self, request: &ChatRequest<'_>) -> Result<Value, TransportError> {
+    async fn post(&self, request: &ChatRequest<'_>) -> Result<Vec<u8>, TransportError> {
         let body = serde_json::to_vec(request)
             .map_err(|e| TransportError::Malformed(format!("the request cannot be serialized: {e}")))?;
         let http = &self.http[self.turn.fetch_add(1, Ordering::Relaxed) % self.http.len()];
@@ -311,13 +317,12 @@ impl LlmClient {
         let mut response = call.send().await?;
         let status = response.status();
         if status.is_success() {
-            let body = read_body(&mut response, self.max_body).await?.ok_or_else(|| {
+            return read_body(&mut response, self.max_body).await?.ok_or_else(|| {
                 TransportError::Malformed(format!(
                     "the provider's response is over llm.max_response_bytes ({} bytes)",
                     self.max_body
                 ))
-            })?;
-            return serde_json::from_slice(&body).map_err(|e| TransportError::Malformed(e.to_string()));
+            });
         }
         let retry_after = response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
         // Only the start of an error body is read: it is for the message.
@@ -338,12 +343,16 @@ impl LlmClient {
 
 /// Reads the parts of a chat completion instructd needs. Parsed loosely (and kept raw) so
 /// that compatible servers with extra or unusual fields still work.
-fn parse_completion(raw: Value) -> Result<Completion, TransportError> {
+fn parse_completion(body: Vec<u8>) -> Result<Completion, TransportError> {
     #[derive(Deserialize)]
     struct Body {
         choices: Vec<Choice>,
         #[serde(default)]
         usage: Option<ProviderUsage>,
+        #[serde(default, deserialize_with = "string_or_none")]
+        id: Option<String>,
+        #[serde(default, deserialize_with = "string_or_none")]
+        model: Option<String>,
     }
     /// The provider's `usage`, cached prompt tokens nested as OpenAI reports them.
     #[derive(Deserialize)]
@@ -368,7 +377,10 @@ fn parse_completion(raw: Value) -> Result<Completion, TransportError> {
         #[serde(default)]
         finish_reason: Option<String>,
     }
-    let body = Body::deserialize(&raw).map_err(|e| TransportError::Malformed(e.to_string()))?;
+    let malformed = |e: &dyn std::fmt::Display| TransportError::Malformed(e.to_string());
+    let text = String::from_utf8(body).map_err(|e| malformed(&e))?;
+    let raw = RawValue::from_string(text).map_err(|e| malformed(&e))?;
+    let body: Body = serde_json::from_str(raw.get()).map_err(|e| malformed(&e))?;
     let choice = body
         .choices
         .into_iter()
@@ -394,7 +406,18 @@ fn parse_completion(raw: Value) -> Result<Completion, TransportError> {
                 })
             })
             .unwrap_or_default(),
+        id: body.id,
+        model: body.model,
         raw,
+    })
+}
+
+/// A string, or `None` for anything else (a field read only for what it tells, never a
+/// reason to refuse an answer).
+fn string_or_none<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(deserializer)? {
+        Value::String(text) => Some(text),
+        _ => None,
     })
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_openai::types::chat::ChatCompletionRequestMessage;
+use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -178,7 +179,7 @@ impl Job<'_, '_> {
                 self.trace.calls.push(call);
                 return Turn::Over(Err(failure));
             };
-            let completion = match called {
+            let mut completion = match called {
                 Ok(completion) => completion,
                 Err(CallError::Unavailable { last }) => {
                     let message = format!("the provider `{provider}` stayed unavailable ({last})");
@@ -202,7 +203,8 @@ impl Job<'_, '_> {
             if let Some(cost) = usage.cost_usd {
                 client.metrics().cost(model, prompt.kind.name(), cost);
             }
-            self.trace.responses.push(completion.raw.clone());
+            // Its text moves to the trace: nothing reads it from the completion past here.
+            self.trace.responses.push(std::mem::replace(&mut completion.raw, RawValue::NULL.to_owned()));
             call.usage = Some(usage);
             // The provider's word, kept as text that fits the row and any page.
             call.finish_reason =
@@ -362,20 +364,16 @@ fn call_span(model: &str, provider: &str, attempt: u32, max_tokens: u32) -> trac
 /// What the call came to, on its span: the answer's model, id, finish reason and tokens, or
 /// why it failed (`None`: cancelled). The provider's words are clipped.
 fn record_call(span: &tracing::Span, called: Option<&Result<Completion, CallError>>) {
-    let said = |pointer: &str, completion: &Completion| {
-        completion
-            .raw
-            .pointer(pointer)
-            .and_then(serde_json::Value::as_str)
-            .map(|text| crate::text::clip(text, 200).into_owned())
-    };
+    fn said(text: &Option<String>) -> Option<std::borrow::Cow<'_, str>> {
+        text.as_deref().map(|text| crate::text::clip(text, 200))
+    }
     match called {
         Some(Ok(completion)) => {
-            if let Some(model) = said("/model", completion) {
-                span.record("gen_ai.response.model", model);
+            if let Some(model) = said(&completion.model) {
+                span.record("gen_ai.response.model", model.as_ref());
             }
-            if let Some(id) = said("/id", completion) {
-                span.record("gen_ai.response.id", id);
+            if let Some(id) = said(&completion.id) {
+                span.record("gen_ai.response.id", id.as_ref());
             }
             if let Some(reason) = &completion.finish_reason {
                 span.record("gen_ai.response.finish_reasons", crate::text::clip(reason, 64).as_ref());

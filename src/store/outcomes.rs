@@ -186,24 +186,32 @@ pub fn reannouncement(job: &JobRecord<'_>, stored: &StoredEvent) -> Result<Outbo
 
 /// The raw responses as the job row keeps them: NUL characters written out (Postgres
 /// `jsonb` refuses them), and at most `max_bytes` of them; each one past that is replaced by
-/// a note of its size. Serialized here, once: the bytes measured are the bytes embedded in
-/// the row.
-fn storable_responses(responses: &[Value], max_bytes: usize) -> Vec<Box<RawValue>> {
+/// a note of its size. The bytes measured are the bytes embedded in the row.
+fn storable_responses(responses: &[Box<RawValue>], max_bytes: usize) -> Vec<Box<RawValue>> {
     let mut kept = 0usize;
     responses
         .iter()
         .map(|response| {
-            let text = serde_json::to_string(&*text::storable_json(response)).expect("JSON serializes");
-            kept = kept.saturating_add(text.len());
-            let text = if kept <= max_bytes {
+            let text = storable_response(response);
+            kept = kept.saturating_add(text.get().len());
+            if kept <= max_bytes {
                 text
             } else {
-                let note = format!("{} bytes, over limits.max_responses_bytes ({max_bytes})", text.len());
-                json!({ "omitted": note }).to_string()
-            };
-            RawValue::from_string(text).expect("serde_json wrote JSON")
+                let note = format!("{} bytes, over limits.max_responses_bytes ({max_bytes})", text.get().len());
+                serde_json::value::to_raw_value(&json!({ "omitted": note })).expect("JSON serializes")
+            }
         })
         .collect()
+}
+
+/// One response as `jsonb` can store it. A NUL can only be in JSON text as the escape
+/// `\u0000`: a response without one is kept as it came.
+fn storable_response(response: &RawValue) -> Box<RawValue> {
+    if !response.get().contains("\\u0000") {
+        return response.to_owned();
+    }
+    let value: Value = serde_json::from_str(response.get()).expect("a raw value is JSON");
+    serde_json::value::to_raw_value(&*text::storable_json(&value)).expect("JSON serializes")
 }
 
 /// Records a batch of outcomes in one transaction: the job rows whose claim still holds
@@ -280,7 +288,8 @@ mod tests {
     #[test]
     fn responses_are_kept_up_to_the_cap_and_noted_past_it() {
         let big = json!({"content": "x".repeat(600)});
-        let responses = vec![big.clone(), big.clone(), json!({"content": "a\u{0}b"})];
+        let raw = |value: &Value| serde_json::value::to_raw_value(value).unwrap();
+        let responses = vec![raw(&big), raw(&big), raw(&json!({"content": "a\u{0}b"}))];
         let parse = |raw: &RawValue| serde_json::from_str::<Value>(raw.get()).unwrap();
         let kept: Vec<Value> = storable_responses(&responses, 1024).iter().map(|raw| parse(raw)).collect();
         assert_eq!(kept[0], big);
