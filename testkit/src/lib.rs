@@ -516,12 +516,21 @@ pub struct Leftovers {
 impl Leftovers {
     pub fn of(settings: &Settings) -> Self {
         let broker = &settings.broker;
-        let url = secrecy::ExposeSecret::expose_secret(&settings.database.url).to_owned();
-        let database = url.rsplit_once('/').map(|(_, name)| name.split('?').next().unwrap_or(name).to_owned());
+        let mut leftovers = Self::database(secrecy::ExposeSecret::expose_secret(&settings.database.url));
+        leftovers.queues =
+            vec![broker.request_queue.clone(), broker.dead_letter_queue.clone(), broker.delay_queue.clone()];
+        leftovers.exchange = broker.events_exchange.clone();
+        leftovers
+    }
+
+    /// Only the database at `url` (one [`create_database`] made), for a test that uses it
+    /// without a daemon: hold it for as long as the test runs.
+    pub fn database(url: &str) -> Self {
+        let name = url.rsplit_once('/').map(|(_, name)| name.split('?').next().unwrap_or(name).to_owned());
         Self {
-            queues: vec![broker.request_queue.clone(), broker.dead_letter_queue.clone(), broker.delay_queue.clone()],
-            exchange: broker.events_exchange.clone(),
-            database: database.filter(|name| name.starts_with("instructd_test_")),
+            queues: Vec::new(),
+            exchange: String::new(),
+            database: name.filter(|name| name.starts_with("instructd_test_")),
         }
     }
 
@@ -529,7 +538,8 @@ impl Leftovers {
     pub async fn delete(&mut self) {
         let queues = std::mem::take(&mut self.queues);
         let exchange = std::mem::take(&mut self.exchange);
-        if let Ok(connection) = Connection::connect(&broker_url(), ConnectionProperties::default()).await
+        if !(queues.is_empty() && exchange.is_empty())
+            && let Ok(connection) = Connection::connect(&broker_url(), ConnectionProperties::default()).await
             && let Ok(channel) = connection.create_channel().await
         {
             for queue in queues {

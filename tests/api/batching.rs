@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::create_database;
+use crate::helpers::{Leftovers, create_database};
 
 /// A store on a fresh, migrated database, as worker `worker_id`.
 pub async fn store_as(db: sea_orm::DatabaseConnection, worker_id: i64) -> Store {
@@ -26,10 +26,13 @@ pub async fn store_as(db: sea_orm::DatabaseConnection, worker_id: i64) -> Store 
     Store::new(db, settings)
 }
 
-async fn store() -> Store {
-    let db = Database::connect(create_database().await).await.expect("the test database is reachable");
+/// A store on a database of its own, dropped with the [`Leftovers`] returned beside it.
+async fn store() -> (Store, Leftovers) {
+    let url = create_database().await;
+    let database = Leftovers::database(&url);
+    let db = Database::connect(url).await.expect("the test database is reachable");
     migration::Migrator::up(&db, None).await.expect("migrations apply");
-    store_as(db, 1).await
+    (store_as(db, 1).await, database)
 }
 
 /// A request's text, as a job holds it.
@@ -74,6 +77,7 @@ async fn of_many_simultaneous_claims_on_one_job_exactly_one_acquires() {
     // Ten live workers (each holds its session lock and writes its heartbeat) claim one job
     // at once; a worker claims a job once (it knows what it runs).
     let url = create_database().await;
+    let _database = Leftovers::database(&url);
     let db = Database::connect(url.as_str()).await.expect("the test database is reachable");
     migration::Migrator::up(&db, None).await.expect("migrations apply");
     let mut workers = Vec::new();
@@ -111,7 +115,7 @@ async fn of_many_simultaneous_claims_on_one_job_exactly_one_acquires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_that_cannot_be_stored_fails_alone() {
-    let store = store().await;
+    let (store, _database) = store().await;
     let request = raw(json!({"entity": "hero"}));
     let trace = CallTrace { attempts: 1, ..Default::default() };
     // The fifth job's record is the second's, with the same primary key: whichever of the
@@ -159,7 +163,7 @@ async fn a_record_that_cannot_be_stored_fails_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_is_stored_only_under_the_claim_that_holds() {
-    let store = store().await;
+    let (store, _database) = store().await;
     let request = raw(json!({"entity": "hero"}));
     let trace = CallTrace { attempts: 1, ..Default::default() };
     let job_id = Uuid::new_v4();
@@ -190,7 +194,7 @@ async fn an_outcome_is_stored_only_under_the_claim_that_holds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn marks_of_many_events_land_on_exactly_those_events() {
-    let store = store().await;
+    let (store, _database) = store().await;
     let request = raw(json!({"entity": "hero"}));
     let trace = CallTrace { attempts: 1, ..Default::default() };
     let mut events = Vec::new();
@@ -214,7 +218,7 @@ async fn marks_of_many_events_land_on_exactly_those_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heroes_and_teams_finishing_together_are_each_stored_with_their_heroes() {
-    let store = store().await;
+    let (store, _database) = store().await;
     let request = raw(json!({"entity": "any"}));
     let trace = CallTrace { attempts: 1, ..Default::default() };
     let app = instructd::heroes::app();

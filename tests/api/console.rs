@@ -300,6 +300,7 @@ async fn on_a_listener_beyond_loopback_every_console_call_needs_the_admin_token(
 async fn start_up_refuses_an_open_console_beyond_loopback_without_a_token() {
     let llm = wiremock::MockServer::start().await;
     let database = create_database().await;
+    let _database = Leftovers::database(&database);
     let mut settings = test_settings(&llm, &database).await;
     settings.http.listen = "0.0.0.0:0".parse().unwrap();
 

@@ -18,7 +18,7 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbB
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{admin_database_url, create_database};
+use crate::helpers::{Leftovers, create_database};
 
 /// The worker id the claims are made as.
 const WORKER: i64 = 7;
@@ -48,6 +48,7 @@ struct Plans {
 /// the tables have grown, after a few small batches while they were small.
 async fn kept_plans(settings: &'static [(&'static str, &'static str)]) -> Plans {
     let url = create_database().await;
+    let mut database = Leftovers::database(&url);
     let admin = Database::connect(url.as_str()).await.expect("the test database is reachable");
     migration::Migrator::up(&admin, None).await.expect("migrations apply");
     for table in ["generation_job", "event_outbox"] {
@@ -106,7 +107,7 @@ async fn kept_plans(settings: &'static [(&'static str, &'static str)]) -> Plans 
 
     let _ = session.close().await;
     let _ = admin.close().await;
-    drop_database(&url).await;
+    database.delete().await;
     Plans { claim: claim_plan, finish: finish_plan }
 }
 
@@ -153,11 +154,4 @@ async fn run(session: &DatabaseConnection, statement: &str, explain: &str) -> St
         .await
         .expect("the plan is explained");
     rows.iter().map(|row| row.try_get_by_index::<String>(0).expect("a plan line")).collect::<Vec<_>>().join("\n")
-}
-
-async fn drop_database(url: &str) {
-    let name = url.rsplit_once('/').map(|(_, name)| name.to_owned()).expect("the URL names a database");
-    let admin = Database::connect(admin_database_url().as_str()).await.expect("the tests' Postgres is reachable");
-    admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.unwrap();
-    let _ = admin.close().await;
 }

@@ -13,14 +13,15 @@ use sqlx::postgres::PgConnection;
 use uuid::Uuid;
 
 use crate::batching::{acquire, count, job, raw, store_as};
-use crate::helpers::create_database;
+use crate::helpers::{Leftovers, create_database};
 
-/// A migrated database: its URL and a pool on it.
-async fn database() -> (String, sea_orm::DatabaseConnection) {
+/// A migrated database: its URL, a pool on it, and what drops it when the test ends.
+async fn database() -> (String, sea_orm::DatabaseConnection, Leftovers) {
     let url = create_database().await;
+    let leftovers = Leftovers::database(&url);
     let db = Database::connect(url.as_str()).await.expect("the test database is reachable");
     migration::Migrator::up(&db, None).await.expect("migrations apply");
-    (url, db)
+    (url, db, leftovers)
 }
 
 /// Worker `worker_id`'s presence, as its daemon keeps it: the lock, then a heartbeat.
@@ -33,7 +34,7 @@ async fn present(url: &str, worker_id: i64) -> PgConnection {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_workers_claim_holds_and_a_frozen_or_killed_workers_is_taken_over() {
-    let (url, db) = database().await;
+    let (url, db, _database) = database().await;
     let (first, second) = (store_as(db.clone(), 11).await, store_as(db.clone(), 22).await);
     let request = raw(json!({"entity": "hero"}));
     let session = present(&url, 11).await;
@@ -74,7 +75,7 @@ async fn a_live_workers_claim_holds_and_a_frozen_or_killed_workers_is_taken_over
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_handed_back_is_taken_without_counting_and_a_leftover_of_ones_own_is_taken_back() {
-    let (url, db) = database().await;
+    let (url, db, _database) = database().await;
     let (first, second) = (store_as(db.clone(), 33).await, store_as(db.clone(), 44).await);
     let request = raw(json!({"entity": "hero"}));
     let _alive = present(&url, 33).await;
