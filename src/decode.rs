@@ -137,54 +137,32 @@ pub fn decode(
         );
         return reject(rejection, reason);
     }
-    let raw: Value = match serde_json::from_slice(body) {
-        Ok(value) => value,
-        Err(e) => return reject(rejection, format!("the body is not JSON: {e}")),
+    // The common case, a well-formed request with nothing a rejection must describe, is read
+    // straight into its type: no tree of it is built. Anything else (not JSON, not a request,
+    // a NUL anywhere) goes the way below, which says what is wrong with it.
+    let direct = if nul_property.is_none() && !has_nul_escape(body) {
+        serde_json::from_slice::<GenerationRequest>(body).ok()
+    } else {
+        None
     };
-    // Postgres text and jsonb cannot hold a NUL character: such a request is rejected, and
-    // its failure recorded without it.
-    let nul = contains_nul(&raw);
-    if !nul {
-        // Its text, as received: the parsed `raw` is not kept past decoding. (It parsed
-        // above; were its text refused all the same, the row would hold `null`, not fail.)
-        rejection.raw = serde_json::from_slice(body).unwrap_or_else(|_| RawValue::NULL.to_owned());
-    }
-    // Measured once: checked below, and echoed in a failed event unless it is over the limit.
-    let metadata_bytes = raw.get("metadata").filter(|metadata| !metadata.is_null()).map_or(0, json_size);
-    if metadata_bytes <= settings.limits.max_metadata_bytes && !nul {
-        rejection.metadata = raw.get("metadata").cloned().unwrap_or(Value::Null);
-    }
-    if let Some(entity) = raw.get("entity").and_then(Value::as_str) {
-        // Echoed in the failed event and the job row: bounded and clean.
-        rejection.entity = text::quoted(entity).into_owned();
-        rejection.routing_entity = registry.get(entity).map(|kind| kind.name());
-    }
-    match raw.get("job_id") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(id)) if Uuid::parse_str(id).is_ok() => rejection.job_id = Uuid::parse_str(id).unwrap(),
-        Some(other) => {
-            let shown = text::quoted(&other.to_string()).into_owned();
-            return reject(rejection, format!("job_id: {shown} is not a UUID"));
+    let (mut request, metadata_bytes) = match direct {
+        Some(request) => {
+            rejection.raw = serde_json::from_slice(body).expect("the request parsed as JSON");
+            let metadata_bytes = request.metadata.as_ref().filter(|metadata| !metadata.is_null()).map_or(0, json_size);
+            if metadata_bytes <= settings.limits.max_metadata_bytes {
+                rejection.metadata = request.metadata.clone().unwrap_or(Value::Null);
+            }
+            rejection.entity = text::quoted(&request.entity).into_owned();
+            rejection.routing_entity = registry.get(&request.entity).map(|kind| kind.name());
+            if let Some(job_id) = request.job_id {
+                rejection.job_id = job_id;
+            }
+            (request, metadata_bytes)
         }
-    }
-    if nul {
-        let reason = "the request contains a NUL character (\\u0000), which Postgres cannot store".to_owned();
-        return reject(rejection, reason);
-    }
-    if let Some(property) = nul_property {
-        let reason = format!("the AMQP property {property} contains a NUL character, which Postgres cannot store");
-        return reject(rejection, reason);
-    }
-    let mut request: GenerationRequest = match serde_path_to_error::deserialize(&raw) {
-        Ok(request) => request,
-        Err(e) => {
-            // serde quotes the offending value (an unknown role, say): keep the path readable.
-            let why = text::clip(&e.inner().to_string(), 1024).into_owned();
-            return reject(
-                rejection,
-                format!("not a generation request: {why} at {}", text::quoted(&e.path().to_string())),
-            );
-        }
+        None => match read_with_reasons(body, nul_property, registry, settings, &mut rejection) {
+            Ok(read) => read,
+            Err(reason) => return reject(rejection, reason),
+        },
     };
     let Some(kind) = registry.get(&request.entity).cloned() else {
         let known = registry.names().collect::<Vec<_>>().join(", ");
@@ -226,6 +204,63 @@ pub fn decode(
         raw: rejection.raw,
         request,
     })
+}
+
+/// Reads a request the way that can say what is wrong with it: as a JSON tree first, so that
+/// a rejection still names the job, the entity and the metadata where the request gives them
+/// (written into `rejection`). Returns the request and the size of its metadata, or why it
+/// is rejected.
+fn read_with_reasons(
+    body: &[u8],
+    nul_property: Option<&str>,
+    registry: &Registry,
+    settings: &Settings,
+    rejection: &mut Rejection,
+) -> Result<(GenerationRequest, usize), String> {
+    let raw: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    // Postgres text and jsonb cannot hold a NUL character: such a request is rejected, and
+    // its failure recorded without it.
+    let nul = contains_nul(&raw);
+    if !nul {
+        // Its text, as received: the parsed `raw` is not kept past decoding. (It parsed
+        // above; were its text refused all the same, the row would hold `null`, not fail.)
+        rejection.raw = serde_json::from_slice(body).unwrap_or_else(|_| RawValue::NULL.to_owned());
+    }
+    // Measured once: checked below, and echoed in a failed event unless it is over the limit.
+    let metadata_bytes = raw.get("metadata").filter(|metadata| !metadata.is_null()).map_or(0, json_size);
+    if metadata_bytes <= settings.limits.max_metadata_bytes && !nul {
+        rejection.metadata = raw.get("metadata").cloned().unwrap_or(Value::Null);
+    }
+    if let Some(entity) = raw.get("entity").and_then(Value::as_str) {
+        // Echoed in the failed event and the job row: bounded and clean.
+        rejection.entity = text::quoted(entity).into_owned();
+        rejection.routing_entity = registry.get(entity).map(|kind| kind.name());
+    }
+    match raw.get("job_id") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(id)) if Uuid::parse_str(id).is_ok() => rejection.job_id = Uuid::parse_str(id).unwrap(),
+        Some(other) => {
+            let shown = text::quoted(&other.to_string()).into_owned();
+            return Err(format!("job_id: {shown} is not a UUID"));
+        }
+    }
+    if nul {
+        return Err("the request contains a NUL character (\\u0000), which Postgres cannot store".to_owned());
+    }
+    if let Some(property) = nul_property {
+        return Err(format!("the AMQP property {property} contains a NUL character, which Postgres cannot store"));
+    }
+    let request: GenerationRequest = serde_path_to_error::deserialize(&raw).map_err(|e| {
+        // serde quotes the offending value (an unknown role, say): keep the path readable.
+        let why = text::clip(&e.inner().to_string(), 1024).into_owned();
+        format!("not a generation request: {why} at {}", text::quoted(&e.path().to_string()))
+    })?;
+    Ok((request, metadata_bytes))
+}
+
+/// Whether JSON text holds a NUL character, which it can only hold as the escape `\u0000`.
+fn has_nul_escape(json: &[u8]) -> bool {
+    json.windows(6).any(|window| window == b"\\u0000")
 }
 
 /// The request's size against `limits.*`: checked before anything is spent on it.
@@ -347,5 +382,68 @@ fn delivery_count(properties: &BasicProperties) -> u64 {
         Some(AMQPValue::ShortShortInt(n)) => n.max(0) as u64,
         Some(AMQPValue::ShortShortUInt(n)) => n.into(),
         _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn decoded(body: &Value) -> Result<Job, Box<Rejection>> {
+        let settings = Settings::load_from(None, Default::default()).unwrap();
+        let app = crate::heroes::app();
+        decode(&serde_json::to_vec(body).unwrap(), &BasicProperties::default(), false, app.registry(), &settings)
+    }
+
+    #[test]
+    fn a_request_read_directly_is_the_request_read_as_a_tree() {
+        let job_id = Uuid::new_v4();
+        let body = json!({
+            "job_id": job_id, "entity": "hero", "max_retries": 1, "mode": "json",
+            "metadata": {"tenant": "a", "n": [1, 2]},
+            "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+        });
+        let text = serde_json::to_vec(&body).unwrap();
+        let settings = Settings::load_from(None, Default::default()).unwrap();
+        let app = crate::heroes::app();
+        let mut rejection = Rejection {
+            reason: String::new(),
+            job_id: Uuid::nil(),
+            entity: String::new(),
+            routing_entity: None,
+            raw: RawValue::NULL.to_owned(),
+            metadata: Value::Null,
+            correlation_id: String::new(),
+            reply_to: None,
+            trace: None,
+        };
+        let (tree, metadata_bytes) = read_with_reasons(&text, None, app.registry(), &settings, &mut rejection).unwrap();
+        let direct: GenerationRequest = serde_json::from_slice(&text).unwrap();
+        assert_eq!(serde_json::to_value(&direct).unwrap(), serde_json::to_value(&tree).unwrap());
+        assert_eq!(metadata_bytes, json_size(&body["metadata"]));
+
+        let job = decoded(&body).unwrap_or_else(|rejection| panic!("{}", rejection.reason));
+        assert_eq!(job.id, job_id);
+        assert_eq!(job.metadata, body["metadata"]);
+        assert_eq!(serde_json::from_str::<Value>(job.raw.get()).unwrap(), body);
+    }
+
+    #[test]
+    fn what_the_direct_read_refuses_is_still_read_or_rejected_with_its_reason() {
+        // A repeated key: refused by the typed read, kept (the last one) by the tree's.
+        let text = br#"{"entity": "nobody", "entity": "hero", "messages": [{"role": "user", "content": "u"}]}"#;
+        let settings = Settings::load_from(None, Default::default()).unwrap();
+        let app = crate::heroes::app();
+        let job = decode(text, &BasicProperties::default(), false, app.registry(), &settings);
+        assert_eq!(job.map(|job| job.kind.name()).ok(), Some("hero"));
+
+        let not_a_uuid = decoded(&json!({"job_id": "x", "entity": "hero", "messages": []})).err().unwrap();
+        assert_eq!(not_a_uuid.reason, "job_id: \"x\" is not a UUID");
+        let nul =
+            decoded(&json!({"entity": "hero", "messages": [{"role": "user", "content": "a\u{0}b"}]})).err().unwrap();
+        assert!(nul.reason.contains("NUL character"), "{}", nul.reason);
+        assert_eq!(nul.entity, "hero", "the rejection still names what it could read");
     }
 }
