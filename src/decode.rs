@@ -140,14 +140,19 @@ pub fn decode(
     // The common case, a well-formed request with nothing a rejection must describe, is read
     // straight into its type: no tree of it is built. Anything else (not JSON, not a request,
     // a NUL anywhere) goes the way below, which says what is wrong with it.
-    let direct = if nul_property.is_none() && !has_nul_escape(body) {
-        serde_json::from_slice::<GenerationRequest>(body).ok()
+    // (The typed read skips the fields it does not know without checking their bytes or their
+    // depth: its text as a `RawValue`, which must be UTF-8 throughout, and the depth check are
+    // the checks the tree made.)
+    let direct = if nul_property.is_none() && !has_nul_escape(body) && text::json_depth_within_limit(body) {
+        serde_json::from_slice::<GenerationRequest>(body)
+            .ok()
+            .and_then(|request| Some((request, serde_json::from_slice::<Box<RawValue>>(body).ok()?)))
     } else {
         None
     };
     let (mut request, metadata_bytes) = match direct {
-        Some(request) => {
-            rejection.raw = serde_json::from_slice(body).expect("the request parsed as JSON");
+        Some((request, raw)) => {
+            rejection.raw = raw;
             let metadata_bytes = request.metadata.as_ref().filter(|metadata| !metadata.is_null()).map_or(0, json_size);
             if metadata_bytes <= settings.limits.max_metadata_bytes {
                 rejection.metadata = request.metadata.clone().unwrap_or(Value::Null);
@@ -445,5 +450,27 @@ mod tests {
             decoded(&json!({"entity": "hero", "messages": [{"role": "user", "content": "a\u{0}b"}]})).err().unwrap();
         assert!(nul.reason.contains("NUL character"), "{}", nul.reason);
         assert_eq!(nul.entity, "hero", "the rejection still names what it could read");
+    }
+
+    #[test]
+    fn a_field_nobody_reads_is_still_checked_for_its_bytes_and_its_depth() {
+        // serde_json skips an unknown field's string without checking its bytes.
+        let mut text = br#"{"entity": "hero", "messages": [{"role": "user", "content": "u"}], "x": "#.to_vec();
+        text.extend_from_slice(b"\"\xff\xfe\"}");
+        let settings = Settings::load_from(None, Default::default()).unwrap();
+        let app = crate::heroes::app();
+        let refused = decode(&text, &BasicProperties::default(), false, app.registry(), &settings).err().unwrap();
+        assert!(refused.reason.starts_with("the body is not JSON"), "{}", refused.reason);
+
+        // Nor is a field nobody reads read at any depth: as deep as a tree may be, no deeper.
+        let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let body = |depth: usize| {
+            format!(r#"{{"entity": "hero", "messages": [{{"role": "user", "content": "u"}}], "x": {}}}"#, nested(depth))
+        };
+        let decoded =
+            |text: String| decode(text.as_bytes(), &BasicProperties::default(), false, app.registry(), &settings);
+        assert!(decoded(body(text::MAX_JSON_DEPTH - 1)).is_ok());
+        let refused = decoded(body(text::MAX_JSON_DEPTH)).err().unwrap();
+        assert!(refused.reason.contains("recursion limit exceeded"), "{}", refused.reason);
     }
 }

@@ -100,11 +100,56 @@ pub fn storable_json(value: &Value) -> Cow<'_, Value> {
     Cow::Owned(escape(value))
 }
 
+/// The deepest nesting of arrays and objects a JSON tree of serde_json's may have (its
+/// recursion limit refuses the 128th level).
+pub const MAX_JSON_DEPTH: usize = 127;
+
+/// Whether JSON text nests arrays and objects at most [`MAX_JSON_DEPTH`] deep. serde_json
+/// checks that only where it builds a value: it skips a field nobody reads (and checks a
+/// `RawValue`) at any depth. Not a validation of the text, which the parse does.
+pub fn json_depth_within_limit(json: &[u8]) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &byte in json {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn json_depth_is_what_a_serde_json_tree_allows_and_strings_do_not_count() {
+        let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        assert!(json_depth_within_limit(nested(MAX_JSON_DEPTH).as_bytes()));
+        assert!(serde_json::from_str::<Value>(&nested(MAX_JSON_DEPTH)).is_ok());
+        assert!(!json_depth_within_limit(nested(MAX_JSON_DEPTH + 1).as_bytes()));
+        assert!(serde_json::from_str::<Value>(&nested(MAX_JSON_DEPTH + 1)).is_err());
+        let in_strings = format!(r#"{{"a": "{}", "b": "\"{}"}}"#, "[".repeat(500), "{".repeat(500));
+        assert!(json_depth_within_limit(in_strings.as_bytes()));
+    }
 
     #[test]
     fn clip_keeps_short_text_and_cuts_long_text_on_a_character_boundary() {

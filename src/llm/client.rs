@@ -380,6 +380,14 @@ fn parse_completion(body: Vec<u8>) -> Result<Completion, TransportError> {
     let malformed = |e: &dyn std::fmt::Display| TransportError::Malformed(e.to_string());
     let text = String::from_utf8(body).map_err(|e| malformed(&e))?;
     let raw = RawValue::from_string(text).map_err(|e| malformed(&e))?;
+    // Kept on the job row: no deeper than a tree of it could be (the typed read below skips
+    // what it does not know at any depth).
+    if !text::json_depth_within_limit(raw.get().as_bytes()) {
+        return Err(TransportError::Malformed(format!(
+            "the response nests arrays and objects deeper than {} levels",
+            text::MAX_JSON_DEPTH
+        )));
+    }
     let body: Body = serde_json::from_str(raw.get()).map_err(|e| malformed(&e))?;
     let choice = body
         .choices
@@ -515,5 +523,26 @@ mod tests {
         assert_eq!(provider_message("upstream down"), "upstream down");
         let echoed = format!(r#"{{"error":{{"message":"{}"}}}}"#, "x".repeat(300_000));
         assert!(provider_message(&echoed).len() <= text::MAX_MESSAGE_BYTES);
+    }
+
+    #[test]
+    fn an_answer_is_kept_as_sent_unless_it_is_not_utf_8_or_nests_too_deep() {
+        let answer = |extra: &str| {
+            format!(
+                r#"{{"id": "c1", "model": 7, "choices": [{{"message": {{"content": "hi"}}, "finish_reason": "stop"}}]{extra}}}"#
+            )
+        };
+        let kept = parse_completion(answer("").into_bytes()).unwrap();
+        assert_eq!(kept.raw.get(), answer(""), "kept as sent");
+        assert_eq!((kept.id.as_deref(), kept.model), (Some("c1"), None), "a model that is not a string is not read");
+        assert_eq!(kept.message.content.as_deref(), Some("hi"));
+
+        let deep = answer(&format!(r#", "x": {}{}"#, "[".repeat(200), "]".repeat(200)));
+        let refused = parse_completion(deep.into_bytes()).unwrap_err();
+        assert!(refused.to_string().contains("deeper than 127 levels"), "{refused}");
+        let mut bytes = answer(r#", "x": "?""#).into_bytes();
+        let at = bytes.iter().position(|&b| b == b'?').unwrap();
+        bytes[at] = 0xff;
+        assert!(matches!(parse_completion(bytes), Err(TransportError::Malformed(_))));
     }
 }

@@ -210,8 +210,14 @@ fn storable_response(response: &RawValue) -> Box<RawValue> {
     if !response.get().contains("\\u0000") {
         return response.to_owned();
     }
-    let value: Value = serde_json::from_str(response.get()).expect("a raw value is JSON");
-    serde_json::value::to_raw_value(&*text::storable_json(&value)).expect("JSON serializes")
+    match serde_json::from_str::<Value>(response.get()) {
+        Ok(value) => serde_json::value::to_raw_value(&*text::storable_json(&value)),
+        // (Deeper than a tree may be: the client refuses such an answer before it gets here.)
+        Err(error) => serde_json::value::to_raw_value(&json!({
+            "omitted": format!("a response with a NUL that could not be rewritten: {error}")
+        })),
+    }
+    .expect("JSON serializes")
 }
 
 /// Records a batch of outcomes in one transaction: the job rows whose claim still holds
