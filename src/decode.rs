@@ -139,11 +139,10 @@ pub fn decode(
     }
     // The common case, a well-formed request with nothing a rejection must describe, is read
     // straight into its type: no tree of it is built. Anything else (not JSON, not a request,
-    // a NUL anywhere) goes the way below, which says what is wrong with it.
-    // (The typed read skips the fields it does not know without checking their bytes or their
-    // depth: its text as a `RawValue`, which must be UTF-8 throughout, and the depth check are
-    // the checks the tree made.)
-    let direct = if nul_property.is_none() && !has_nul_escape(body) && text::json_depth_within_limit(body) {
+    // a NUL anywhere) goes the way below, which says what is wrong with it. The typed read
+    // skips the fields it does not know without checking their bytes or their depth: its text
+    // as a `RawValue` (UTF-8 throughout) and the depth check are the checks the tree made.
+    let direct = if nul_property.is_none() && !text::json_has_nul(body) && text::json_depth_within_limit(body) {
         serde_json::from_slice::<GenerationRequest>(body)
             .ok()
             .and_then(|request| Some((request, serde_json::from_slice::<Box<RawValue>>(body).ok()?)))
@@ -261,11 +260,6 @@ fn read_with_reasons(
         format!("not a generation request: {why} at {}", text::quoted(&e.path().to_string()))
     })?;
     Ok((request, metadata_bytes))
-}
-
-/// Whether JSON text holds a NUL character, which it can only hold as the escape `\u0000`.
-fn has_nul_escape(json: &[u8]) -> bool {
-    json.windows(6).any(|window| window == b"\\u0000")
 }
 
 /// The request's size against `limits.*`: checked before anything is spent on it.
@@ -396,10 +390,13 @@ mod tests {
 
     use super::*;
 
-    fn decoded(body: &Value) -> Result<Job, Box<Rejection>> {
+    fn decoded_text(text: &[u8]) -> Result<Job, Box<Rejection>> {
         let settings = Settings::load_from(None, Default::default()).unwrap();
-        let app = crate::heroes::app();
-        decode(&serde_json::to_vec(body).unwrap(), &BasicProperties::default(), false, app.registry(), &settings)
+        decode(text, &BasicProperties::default(), false, crate::heroes::app().registry(), &settings)
+    }
+
+    fn decoded(body: &Value) -> Result<Job, Box<Rejection>> {
+        decoded_text(&serde_json::to_vec(body).unwrap())
     }
 
     #[test]
@@ -439,9 +436,7 @@ mod tests {
     fn what_the_direct_read_refuses_is_still_read_or_rejected_with_its_reason() {
         // A repeated key: refused by the typed read, kept (the last one) by the tree's.
         let text = br#"{"entity": "nobody", "entity": "hero", "messages": [{"role": "user", "content": "u"}]}"#;
-        let settings = Settings::load_from(None, Default::default()).unwrap();
-        let app = crate::heroes::app();
-        let job = decode(text, &BasicProperties::default(), false, app.registry(), &settings);
+        let job = decoded_text(text);
         assert_eq!(job.map(|job| job.kind.name()).ok(), Some("hero"));
 
         let not_a_uuid = decoded(&json!({"job_id": "x", "entity": "hero", "messages": []})).err().unwrap();
@@ -457,9 +452,7 @@ mod tests {
         // serde_json skips an unknown field's string without checking its bytes.
         let mut text = br#"{"entity": "hero", "messages": [{"role": "user", "content": "u"}], "x": "#.to_vec();
         text.extend_from_slice(b"\"\xff\xfe\"}");
-        let settings = Settings::load_from(None, Default::default()).unwrap();
-        let app = crate::heroes::app();
-        let refused = decode(&text, &BasicProperties::default(), false, app.registry(), &settings).err().unwrap();
+        let refused = decoded_text(&text).err().unwrap();
         assert!(refused.reason.starts_with("the body is not JSON"), "{}", refused.reason);
 
         // Nor is a field nobody reads read at any depth: as deep as a tree may be, no deeper.
@@ -467,10 +460,8 @@ mod tests {
         let body = |depth: usize| {
             format!(r#"{{"entity": "hero", "messages": [{{"role": "user", "content": "u"}}], "x": {}}}"#, nested(depth))
         };
-        let decoded =
-            |text: String| decode(text.as_bytes(), &BasicProperties::default(), false, app.registry(), &settings);
-        assert!(decoded(body(text::MAX_JSON_DEPTH - 1)).is_ok());
-        let refused = decoded(body(text::MAX_JSON_DEPTH)).err().unwrap();
+        assert!(decoded_text(body(text::MAX_JSON_DEPTH - 1).as_bytes()).is_ok());
+        let refused = decoded_text(body(text::MAX_JSON_DEPTH).as_bytes()).err().unwrap();
         assert!(refused.reason.contains("recursion limit exceeded"), "{}", refused.reason);
     }
 }

@@ -100,6 +100,12 @@ pub fn storable_json(value: &Value) -> Cow<'_, Value> {
     Cow::Owned(escape(value))
 }
 
+/// Whether JSON text holds a NUL character, which it can only hold as the escape `\u0000`
+/// (a false alarm on an escaped backslash before `u0000` only sends the text the slow way).
+pub fn json_has_nul(json: &[u8]) -> bool {
+    json.windows(6).any(|window| window == b"\\u0000")
+}
+
 /// The deepest nesting of arrays and objects a JSON tree of serde_json's may have (its
 /// recursion limit refuses the 128th level).
 pub const MAX_JSON_DEPTH: usize = 127;

@@ -204,10 +204,9 @@ fn storable_responses(responses: &[Box<RawValue>], max_bytes: usize) -> Vec<Box<
         .collect()
 }
 
-/// One response as `jsonb` can store it. A NUL can only be in JSON text as the escape
-/// `\u0000`: a response without one is kept as it came.
+/// One response as `jsonb` can store it: a response without a NUL is kept as it came.
 fn storable_response(response: &RawValue) -> Box<RawValue> {
-    if !response.get().contains("\\u0000") {
+    if !text::json_has_nul(response.get().as_bytes()) {
         return response.to_owned();
     }
     match serde_json::from_str::<Value>(response.get()) {
