@@ -326,6 +326,7 @@ mod tests {
                 "m20261130_000006_worker_presence_and_retention",
                 "m20261201_000007_job_calls",
                 "m20261201_000008_event_trace_context",
+                "m20261202_000009_no_statistics_on_json",
                 "m20261124_000001_create_hero",
                 "m20261124_000005_create_team",
             ]

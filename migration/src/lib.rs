@@ -15,6 +15,7 @@ mod m20261124_000005_create_team;
 mod m20261130_000006_worker_presence_and_retention;
 mod m20261201_000007_job_calls;
 mod m20261201_000008_event_trace_context;
+mod m20261202_000009_no_statistics_on_json;
 
 /// The migrations of instructd's own tables, in the order they apply.
 pub fn instructd() -> Vec<Box<dyn MigrationTrait>> {
@@ -25,6 +26,7 @@ pub fn instructd() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(m20261130_000006_worker_presence_and_retention::Migration),
         Box::new(m20261201_000007_job_calls::Migration),
         Box::new(m20261201_000008_event_trace_context::Migration),
+        Box::new(m20261202_000009_no_statistics_on_json::Migration),
     ]
 }
 

@@ -39,6 +39,57 @@ async fn with_postgres_defaults_the_plan_kept_from_small_tables_scans_them_when_
     assert!(plans.finish.contains("Seq Scan on generation_job"), "the control found no scan:\n{}", plans.finish);
 }
 
+/// ANALYZE (autovacuum's, under load) gathers no statistics on the JSON columns of the job
+/// ledger and the outbox, which no plan reads and which cost it sorts of sampled `jsonb`
+/// values; the scalar columns keep theirs (migration `no_statistics_on_json`).
+#[tokio::test]
+async fn analyze_skips_the_json_columns_and_keeps_the_scalar_ones() {
+    let url = create_database().await;
+    let mut database = Leftovers::database(&url);
+    let db = Database::connect(url.as_str()).await.expect("the test database is reachable");
+    migration::Migrator::up(&db, None).await.expect("migrations apply");
+    db.execute_unprepared(
+        "INSERT INTO generation_job (job_id, entity, status, request, error, usage, responses, calls, event)
+         SELECT gen_random_uuid(), 'hero', 'succeeded', jsonb_build_object('prompt', g), '{}', '{}',
+                jsonb_build_array(g), jsonb_build_array(g), jsonb_build_object('n', g)
+           FROM generate_series(1, 300) g;
+         INSERT INTO event_outbox (event_id, job_id, routing_key, correlation_id, payload)
+         SELECT gen_random_uuid(), job_id, 'job.succeeded.hero', '', event FROM generation_job;
+         ANALYZE generation_job, event_outbox",
+    )
+    .await
+    .unwrap();
+    let columns = |sql: &str| {
+        let db = &db;
+        let sql = sql.to_owned();
+        async move {
+            let rows = db.query_all_raw(Statement::from_string(DbBackend::Postgres, sql)).await.unwrap();
+            let mut names: Vec<String> = rows.iter().map(|row| row.try_get_by_index(0).unwrap()).collect();
+            names.sort();
+            names
+        }
+    };
+    let json = "SELECT tablename || '.' || attname FROM pg_stats
+                 WHERE schemaname = current_schema() AND tablename IN ('generation_job', 'event_outbox')";
+    let with_statistics = columns(json).await;
+    assert!(
+        with_statistics.contains(&"generation_job.status".to_owned()),
+        "scalar columns keep theirs: {with_statistics:?}"
+    );
+    assert!(with_statistics.contains(&"event_outbox.routing_key".to_owned()), "{with_statistics:?}");
+    let json_columns = columns(
+        "SELECT attrelid::regclass::text || '.' || attname FROM pg_attribute
+          WHERE attrelid IN ('generation_job'::regclass, 'event_outbox'::regclass)
+            AND atttypid = 'jsonb'::regtype AND NOT attisdropped",
+    )
+    .await;
+    assert_eq!(json_columns.len(), 7, "the JSON columns: {json_columns:?}");
+    let analyzed: Vec<&String> = json_columns.iter().filter(|column| with_statistics.contains(column)).collect();
+    assert!(analyzed.is_empty(), "JSON columns with statistics: {analyzed:?}");
+    let _ = db.close().await;
+    database.delete().await;
+}
+
 struct Plans {
     claim: String,
     finish: String,
