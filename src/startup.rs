@@ -423,20 +423,30 @@ async fn run_session(
         delay_queue: &settings.broker.delay_queue,
     };
     let publisher = Publisher::open(&publish_connection, channels, destinations, worker.metrics.clone()).await?;
-    let (channel, mut consumer) = consumer::consume_requests(&consume_connection, settings).await?;
-    let consumer_tag = consumer.tag();
+    let consumers = consumer::consume_requests(&consume_connection, settings).await?;
     // Each delivery is stamped as it arrives: its hold (`worker.max_hold_secs`, under the
     // broker's consumer timeout) counts from then, not from when a slot took it (the
     // prefetch is over the concurrency, so deliveries may wait for a slot).
     let (arrived, mut arrivals) = mpsc::channel(usize::from(consumer::prefetch(settings.worker.concurrency)));
-    let _receiving = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
-        while let Some(next) = consumer.next().await {
-            let failed = next.is_err();
-            if arrived.send((tokio::time::Instant::now(), next)).await.is_err() || failed {
-                break;
+    // Any consumer ending (the broker cancelled it) ends the session, as its channel's
+    // deliveries would stop.
+    let consumer_ended = CancellationToken::new();
+    let mut channels = Vec::with_capacity(consumers.len());
+    let mut _receiving = Vec::with_capacity(consumers.len());
+    for (channel, mut consumer) in consumers {
+        channels.push((channel, consumer.tag()));
+        let (arrived, ended) = (arrived.clone(), consumer_ended.clone());
+        _receiving.push(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            let _ended = ended.drop_guard();
+            while let Some(next) = consumer.next().await {
+                let failed = next.is_err();
+                if arrived.send((tokio::time::Instant::now(), next)).await.is_err() || failed {
+                    break;
+                }
             }
-        }
-    }));
+        })));
+    }
+    drop(arrived);
     tracing::info!(
         queue = %settings.broker.request_queue,
         concurrency = settings.worker.concurrency,
@@ -459,6 +469,10 @@ async fn run_session(
         let delivery = loop {
             tokio::select! {
                 next = arrivals.recv() => break next,
+                // (Its error, if it failed, is among what it sent: the session ends with it.)
+                _ = consumer_ended.cancelled() => {
+                    break std::iter::from_fn(|| arrivals.try_recv().ok()).find(|(_, next)| next.is_err());
+                }
                 _ = health.tick() => if !publisher.is_open() {
                     anyhow::bail!("the publishing channel closed");
                 },
@@ -488,9 +502,13 @@ async fn run_session(
 
     // Shutdown: no new deliveries; what was prefetched but not started is returned when
     // the channel closes.
-    let cancel = channel.basic_cancel(consumer_tag, BasicCancelOptions::default());
-    if let Ok(Err(error)) = tokio::time::timeout(Duration::from_secs(1), cancel).await {
-        tracing::warn!(%error, "cancelling the consumer failed");
+    let cancels = futures_util::future::join_all(
+        channels.iter().map(|(channel, tag)| channel.basic_cancel(tag.clone(), BasicCancelOptions::default())),
+    );
+    if let Ok(cancelled) = tokio::time::timeout(Duration::from_secs(1), cancels).await
+        && let Some(Err(error)) = cancelled.into_iter().find(Result::is_err)
+    {
+        tracing::warn!(%error, "cancelling the consumers failed");
     }
     drain(worker, tracker).await;
     session.cancel();
@@ -505,8 +523,10 @@ async fn run_session(
         Err(_) => tracing::warn!("the outbox could not be flushed in time; events stay pending for the next start"),
     }
     let close = Duration::from_millis(500);
+    let channels_closed =
+        futures_util::future::join_all(channels.iter().map(|(channel, _)| channel.close(200, "shutting down".into())));
     let _ = futures_util::future::join3(
-        tokio::time::timeout(close, channel.close(200, "shutting down".into())),
+        tokio::time::timeout(close, channels_closed),
         tokio::time::timeout(close, consume_connection.close(200, "shutting down".into())),
         tokio::time::timeout(close, publish_connection.close(200, "shutting down".into())),
     )

@@ -365,6 +365,16 @@ impl TestApp {
 
     /// Ready messages on `queue`.
     pub async fn message_count(&self, queue: &str) -> u32 {
+        self.peek(queue).await.message_count()
+    }
+
+    /// Consumers of the request queue.
+    pub async fn request_consumers(&self) -> u32 {
+        self.peek(&self.settings.broker.request_queue).await.consumer_count()
+    }
+
+    /// `queue` as the broker reports it (a passive declare).
+    async fn peek(&self, queue: &str) -> lapin::Queue {
         self.channel
             .queue_declare(
                 queue.into(),
@@ -373,7 +383,6 @@ impl TestApp {
             )
             .await
             .unwrap()
-            .message_count()
     }
 
     pub async fn heroes(&self) -> Vec<entity::hero::Model> {

@@ -117,6 +117,42 @@ async fn readiness_fails_while_draining_and_the_job_in_flight_still_finishes() {
     app.stop().await;
 }
 
+/// Past 128 jobs at once, requests are consumed on several channels (their prefetch split,
+/// at most 256 unacked on each: `broker::consumer::channel_prefetches`): jobs delivered on
+/// each are acked on their own, and a shutdown cancels every consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_concurrency_consumes_on_several_channels_and_a_shutdown_cancels_them_all() {
+    let llm = MockServer::start().await;
+    let slow = ResponseTemplate::new(200)
+        .set_body_json(tool_call_completion("Hero", GOOD))
+        .set_delay(Duration::from_millis(1500));
+    respond_always(&llm, slow).await;
+    let mut settings = test_settings(&llm, &create_database().await).await;
+    settings.worker.concurrency = 300;
+    let channels = instructd::broker::consumer::channel_prefetches(300).len() as u32;
+    assert_eq!(channels, 2, "300 jobs at once hold 428 deliveries: two channels");
+    let mut app = spawn_app_with(settings, llm).await;
+    assert!(wait_for(|| async { app.request_consumers().await == channels }).await, "a consumer on each channel");
+
+    let jobs = 40;
+    for n in 0..jobs {
+        app.publish(&request("hero", &format!("Make hero {n}"))).await;
+    }
+    for _ in 0..jobs {
+        assert_eq!(app.next_event().await.routing_key, "job.succeeded.hero");
+    }
+    assert!(wait_for(|| async { app.queued_requests().await == 0 }).await);
+    assert_eq!(app.count("SELECT count(*) FROM hero").await, jobs);
+
+    // A job in flight: the shutdown cancels every consumer at once, then lets it finish.
+    app.publish(&request("hero", "One more")).await;
+    assert!(wait_for(|| async { app.llm_requests().await.len() > jobs as usize }).await, "the job is in flight");
+    app.begin_shutdown();
+    assert!(wait_for(|| async { app.request_consumers().await == 0 }).await, "no consumer is left while draining");
+    assert_eq!(app.next_event().await.routing_key, "job.succeeded.hero");
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn liveness_fails_when_the_broker_stays_unreachable() {
     let llm = MockServer::start().await;
