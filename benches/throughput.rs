@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -67,6 +68,11 @@ struct Args {
     /// Skip the ceiling runs.
     #[arg(long)]
     no_ceiling: bool,
+    /// Print, at every 5% of an instructd run's events, the seconds since the worker started
+    /// and the model calls made by then: where a run's time goes (at 5 s @ 10,000, two waves
+    /// of calls, and how long each takes to finish).
+    #[arg(long)]
+    timeline: bool,
     /// The fake provider: `https`, as hosted providers serve (TLS, HTTP/2 by ALPN, at most
     /// 100 streams a connection), or `http`, plain HTTP/1.1 (a model server on the host).
     #[arg(long, value_enum, default_value_t = Provider::Https)]
@@ -206,7 +212,8 @@ async fn main() -> anyhow::Result<()> {
     instructd::install_crypto_provider();
     let scenarios: Vec<Scenario> =
         args.scenarios.iter().map(|s| s.parse()).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;
-    let llm = FakeLlm::start(args.provider).await?;
+    let mut llm = FakeLlm::start(args.provider).await?;
+    llm.timeline = args.timeline;
     println!("instructd throughput benchmark: {} CPUs, binary {}", num_cpus(), args.daemon.display());
     let mut rows = Vec::new();
     for scenario in &scenarios {
@@ -421,7 +428,6 @@ async fn prefill(channel: &Channel, queue: &str, jobs: usize, origin: Instant) -
 }
 
 /// What a run puts on the worker.
-#[derive(Clone, Copy)]
 struct Load {
     jobs: usize,
     mode: Mode,
@@ -431,6 +437,8 @@ struct Load {
     origin: Instant,
     /// In a backlog: when the worker started consuming (the rate counts from there).
     started: Instant,
+    /// The fake provider's count of calls, when the run prints its timeline.
+    timeline: Option<Arc<AtomicUsize>>,
 }
 
 /// Collects `jobs` events. In a window, keeps `window` requests outstanding meanwhile (a new
@@ -445,7 +453,7 @@ async fn drive(
     load: Load,
     mut at_quarter: impl FnMut(usize),
 ) -> anyhow::Result<(Duration, usize, Vec<Duration>)> {
-    let Load { jobs, mode, window, origin, started: consuming } = load;
+    let Load { jobs, mode, window, origin, started: consuming, timeline } = load;
     let permits = Arc::new(Semaphore::new(if mode == Mode::Window { window.min(jobs) } else { 0 }));
     let queue = request_queue.to_owned();
     let publisher = {
@@ -482,6 +490,16 @@ async fn drive(
         anyhow::ensure!(event["status"] == "succeeded", "a job failed: {event}");
         let sent = event["metadata"]["sent_ns"].as_u64().ok_or_else(|| anyhow::anyhow!("no sent_ns in {event}"))?;
         latencies.push(last.duration_since(origin).saturating_sub(Duration::from_nanos(sent)));
+        if let Some(calls) = &timeline
+            && (latencies.len() == 1 || latencies.len() % (jobs / 20).max(1) == 0)
+        {
+            eprintln!(
+                "  {:>7.3} s: {:>6} events, {:>6} model calls",
+                last.duration_since(consuming).as_secs_f64(),
+                latencies.len(),
+                calls.load(Ordering::Relaxed)
+            );
+        }
         if let Some(quarter) = (1..=4).find(|q| latencies.len() == jobs * q / 4) {
             at_quarter(quarter);
         }
@@ -535,7 +553,9 @@ async fn instructd_under(
 
     let cpu_before = cpu_seconds(pid)?;
     let mut rss_at_quarters = [0; 4];
-    let load = Load { jobs, mode: case.mode, window: 2 * scenario.concurrency, origin, started: Instant::now() };
+    let timeline = llm.timeline.then(|| llm.calls.clone());
+    let load =
+        Load { jobs, mode: case.mode, window: 2 * scenario.concurrency, origin, started: Instant::now(), timeline };
     let (elapsed, counted, latencies) = drive(channel, events, &names.request_queue, load, |quarter| {
         rss_at_quarters[quarter - 1] = status_kib(pid, "VmRSS");
     })
@@ -650,19 +670,24 @@ async fn ceiling_under(names: &Names, case: Case, jobs: usize) -> anyhow::Result
     // Separate connections to consume and to publish, as instructd has.
     let consume = Connection::connect(&broker_url(), ConnectionProperties::default()).await?;
     let publish = Connection::connect(&broker_url(), ConnectionProperties::default()).await?;
-    let consume_channel = consume.create_channel().await?;
-    // The daemon's prefetch, and as many jobs at once as it runs.
-    let prefetch = instructd::broker::consumer::prefetch(scenario.concurrency as u16);
-    consume_channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    // The daemon's prefetch on as many channels as it uses, and as many jobs at once as it runs.
+    let mut consumers = Vec::new();
+    for prefetch in instructd::broker::consumer::channel_prefetches(scenario.concurrency as u16) {
+        let consume_channel = consume.create_channel().await?;
+        consume_channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        consumers.push(
+            consume_channel
+                .basic_consume(
+                    names.request_queue.as_str().into(),
+                    format!("ceiling-{}", consumers.len()).into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?,
+        );
+    }
+    let mut requests = futures_util::stream::select_all(consumers);
     let slots = Arc::new(Semaphore::new(scenario.concurrency));
-    let mut requests = consume_channel
-        .basic_consume(
-            names.request_queue.as_str().into(),
-            "ceiling".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
     let started = Instant::now();
     let publish_channel = publish.create_channel().await?;
     publish_channel.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -699,7 +724,7 @@ async fn ceiling_under(names: &Names, case: Case, jobs: usize) -> anyhow::Result
         }
         anyhow::Ok(())
     });
-    let load = Load { jobs, mode: case.mode, window: 2 * scenario.concurrency, origin, started };
+    let load = Load { jobs, mode: case.mode, window: 2 * scenario.concurrency, origin, started, timeline: None };
     let (elapsed, counted, latencies) = drive(channel, events, &names.request_queue, load, |_| {}).await?;
     worker.abort();
     for connection in [consume, publish, connection] {
@@ -718,6 +743,10 @@ struct FakeLlm {
     /// The CA of the HTTPS provider's certificate.
     ca_file: Option<String>,
     latency_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// The calls it has received.
+    calls: Arc<AtomicUsize>,
+    /// Whether runs print their timeline (`--timeline`).
+    timeline: bool,
     /// Serves while it lives.
     _https: Option<https_provider::HttpsProvider>,
 }
@@ -742,7 +771,10 @@ impl FakeLlm {
         }))?);
         let latency_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let delay = latency_ms.clone();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let received = calls.clone();
         let wait = move || {
+            received.fetch_add(1, Ordering::Relaxed);
             let delay = Duration::from_millis(delay.load(std::sync::atomic::Ordering::Relaxed));
             async move {
                 if !delay.is_zero() {
@@ -760,7 +792,14 @@ impl FakeLlm {
             })
             .await;
             let ca_file = https_provider::test_ca().to_string_lossy().into_owned();
-            return Ok(Self { base_url: https.base_url(), ca_file: Some(ca_file), latency_ms, _https: Some(https) });
+            return Ok(Self {
+                base_url: https.base_url(),
+                ca_file: Some(ca_file),
+                latency_ms,
+                calls,
+                timeline: false,
+                _https: Some(https),
+            });
         }
         let app = axum::Router::new().route(
             "/v1/chat/completions",
@@ -775,7 +814,14 @@ impl FakeLlm {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr: SocketAddr = listener.local_addr()?;
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Ok(Self { base_url: format!("http://{addr}/v1"), ca_file: None, latency_ms, _https: None })
+        Ok(Self {
+            base_url: format!("http://{addr}/v1"),
+            ca_file: None,
+            latency_ms,
+            calls,
+            timeline: false,
+            _https: None,
+        })
     }
 
     fn set_latency(&self, latency: Duration) {
