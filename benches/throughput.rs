@@ -34,7 +34,6 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
-use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
@@ -584,11 +583,8 @@ async fn clean_up(names: &Names) {
         }
         close(connection).await;
     }
-    if let Some((_, name)) = names.database_url.split('?').next().and_then(|url| url.rsplit_once('/'))
-        && let Ok(admin) = sea_orm::Database::connect(helpers::admin_database_url().as_str()).await
-    {
-        let _ = admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
-        let _ = admin.close().await;
+    if let Some((_, name)) = names.database_url.split('?').next().and_then(|url| url.rsplit_once('/')) {
+        helpers::drop_database(name).await;
     }
 }
 

@@ -559,13 +559,29 @@ impl Leftovers {
             }
             let _ = connection.close(200, "test over".into()).await;
         }
-        if let Some(name) = self.database.take()
-            && let Ok(admin) = Database::connect(admin_database_url().as_str()).await
-        {
-            let _ = admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
-            let _ = admin.close().await;
+        if let Some(name) = self.database.take() {
+            drop_database(&name).await;
         }
     }
+}
+
+/// Drops the database `name` (one [`create_database`] made), whoever is still connected.
+///
+/// `WITH (FORCE)` ends the other sessions, but not an autovacuum worker (a superuser's
+/// process, which the tests' role may not signal): the drop fails while one runs, as it
+/// may on a database that a run filled. A plain `DROP DATABASE` cancels autovacuum itself,
+/// so it is tried next, a few times.
+pub async fn drop_database(name: &str) {
+    let Ok(admin) = Database::connect(admin_database_url().as_str()).await else { return };
+    let mut drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+    for _ in 0..10 {
+        if admin.execute_unprepared(&drop).await.is_ok() {
+            break;
+        }
+        drop = format!("DROP DATABASE IF EXISTS {name}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _ = admin.close().await;
 }
 
 impl Drop for Leftovers {
