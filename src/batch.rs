@@ -8,18 +8,12 @@
 //! being written, and never waits for more. An idle daemon writes each item at once, as
 //! before; a busy one writes fewer, larger batches. Writes that no job waits on (the
 //! "published" marks) may instead linger a few milliseconds for more.
-//!
-//! One writer takes every batch while it keeps up; the others write only when it leaves a
-//! full batch waiting ([`Batcher::spawn`]), so that their batches never split one it would
-//! have written whole.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use sea_orm::{DbErr, RuntimeErr};
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use tokio::sync::{Mutex, Notify, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::time::{Duration, Instant};
 
 /// The most items one write takes: large enough to amortise a round trip, small enough
@@ -50,13 +44,6 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// Spawns `writers` tasks that call `write` with up to [`MAX_BATCH`] items at a time.
     /// `write` returns one result per item, in order.
     ///
-    /// The first writer takes whatever is waiting; the others take a batch only when a full
-    /// one is left waiting after the first writer took its own (overflow). While one writer
-    /// keeps up, batches are as large as with one; when it does not (10,000 jobs in flight
-    /// finishing within a second), the others write beside it. Two writers that both took
-    /// whatever was waiting made smaller batches, and cost 5–10% of the throughput at 64
-    /// jobs at once.
-    ///
     /// Must be called within a Tokio runtime.
     pub fn spawn<W, Fut>(writers: usize, write: W) -> Self
     where
@@ -75,20 +62,12 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         Fut: Future<Output = Vec<Result<O, DbErr>>> + Send,
     {
         let (queue, receiver) = mpsc::unbounded_channel::<Pending<I, O>>();
-        let shared = Arc::new(Shared {
-            receiver: Mutex::new(receiver),
-            overflow: Notify::new(),
-            closed: AtomicBool::new(false),
-        });
+        let receiver = Arc::new(Mutex::new(receiver));
         let write = Arc::new(write);
-        for writer in 0..writers.max(1) {
-            let (shared, write) = (shared.clone(), write.clone());
+        for _ in 0..writers.max(1) {
+            let (receiver, write) = (receiver.clone(), write.clone());
             tokio::spawn(async move {
-                let overflow = writer > 0;
-                while let Some(batch) = next_batch(&shared, linger, overflow).await {
-                    if batch.is_empty() {
-                        continue;
-                    }
+                while let Some(batch) = next_batch(&receiver, linger).await {
                     let (items, replies): (Vec<I>, Vec<_>) = batch.into_iter().unzip();
                     let count = items.len();
                     let written = tokio::time::timeout(WRITE_TIMEOUT, write(items)).await;
@@ -101,11 +80,6 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                         // The submitter may have given up (shutdown): the write stands.
                         let _ = reply.send(result);
                     }
-                }
-                if !overflow {
-                    // Every Batcher is gone: the overflow writers stop too.
-                    shared.closed.store(true, Ordering::Release);
-                    shared.overflow.notify_waiters();
                 }
             });
         }
@@ -120,42 +94,11 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     }
 }
 
-/// What a batcher's writers share: the queue, and word of a full batch left waiting.
-struct Shared<T> {
-    receiver: Mutex<mpsc::UnboundedReceiver<T>>,
-    /// Given when a writer leaves [`MAX_BATCH`] items or more waiting.
-    overflow: Notify,
-    /// Set when the first writer has stopped (every [`Batcher`] dropped).
-    closed: AtomicBool,
-}
-
-/// The first writer's batch: waits for one item, then takes whatever else is already
-/// waiting or arrives within `linger`, up to [`MAX_BATCH`]. An overflow writer's: waits for
-/// word of a full batch left waiting, then takes it (empty if another writer took it
-/// first). `None` once every [`Batcher`] is dropped.
-async fn next_batch<T>(shared: &Shared<T>, linger: Duration, overflow: bool) -> Option<Vec<T>> {
-    if overflow {
-        let notified = shared.overflow.notified();
-        tokio::pin!(notified);
-        // Registered before the flag is read, so that the last word cannot slip between.
-        notified.as_mut().enable();
-        if shared.closed.load(Ordering::Acquire) {
-            return None;
-        }
-        notified.await;
-        if shared.closed.load(Ordering::Acquire) {
-            return None;
-        }
-    }
-    let mut receiver = shared.receiver.lock().await;
-    let first = if overflow {
-        if receiver.len() < MAX_BATCH {
-            return Some(Vec::new());
-        }
-        receiver.try_recv().ok()?
-    } else {
-        receiver.recv().await?
-    };
+/// Waits for one item, then takes whatever else is already waiting or arrives within
+/// `linger`, up to [`MAX_BATCH`]. `None` once every [`Batcher`] is dropped.
+async fn next_batch<T>(receiver: &Mutex<mpsc::UnboundedReceiver<T>>, linger: Duration) -> Option<Vec<T>> {
+    let mut receiver = receiver.lock().await;
+    let first = receiver.recv().await?;
     let deadline = Instant::now() + linger;
     let mut batch = Vec::with_capacity(receiver.len().min(MAX_BATCH - 1) + 1);
     batch.push(first);
@@ -168,9 +111,6 @@ async fn next_batch<T>(shared: &Shared<T>, linger: Duration, overflow: bool) -> 
                 Ok(None) | Err(_) => break,
             },
         }
-    }
-    if receiver.len() >= MAX_BATCH {
-        shared.overflow.notify_one();
     }
     Some(batch)
 }
@@ -232,64 +172,6 @@ mod tests {
         assert_eq!(*sizes.lock().unwrap(), vec![1, 10]);
     }
 
-    /// The size of each batch written, in order.
-    type Sizes = Arc<std::sync::Mutex<Vec<usize>>>;
-
-    /// A writer that records the size of each batch, takes 20 ms over each, and counts the
-    /// most writes under way at once.
-    fn slow_recording(writers: usize) -> (Batcher<usize, usize>, Sizes, Arc<AtomicUsize>) {
-        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (writing, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let batcher = Batcher::spawn(writers, {
-            let (sizes, most) = (sizes.clone(), most.clone());
-            move |items: Vec<usize>| {
-                sizes.lock().unwrap().push(items.len());
-                let (writing, most) = (writing.clone(), most.clone());
-                async move {
-                    most.fetch_max(writing.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    writing.fetch_sub(1, Ordering::SeqCst);
-                    items.into_iter().map(Ok).collect()
-                }
-            }
-        });
-        (batcher, sizes, most)
-    }
-
-    // Tokio's paused clock, as above.
-    #[tokio::test(start_paused = true)]
-    async fn a_second_writer_does_not_split_what_the_first_would_write_whole() {
-        let (batcher, sizes, most) = slow_recording(2);
-        let first = tokio::spawn({
-            let batcher = batcher.clone();
-            async move { batcher.submit(0).await }
-        });
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let rest = futures_util::future::join_all((1..=100).map(|i| batcher.submit(i))).await;
-        first.await.unwrap().unwrap();
-        assert!(rest.iter().all(Result::is_ok));
-        assert_eq!(*sizes.lock().unwrap(), vec![1, 100], "one writer while it keeps up");
-        assert_eq!(most.load(Ordering::SeqCst), 1);
-    }
-
-    // Tokio's paused clock, as above.
-    #[tokio::test(start_paused = true)]
-    async fn a_second_writer_takes_the_full_batches_the_first_leaves_waiting() {
-        let (batcher, sizes, most) = slow_recording(2);
-        let first = tokio::spawn({
-            let batcher = batcher.clone();
-            async move { batcher.submit(0).await }
-        });
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let rest = futures_util::future::join_all((1..=3 * MAX_BATCH).map(|i| batcher.submit(i))).await;
-        first.await.unwrap().unwrap();
-        assert_eq!(rest.into_iter().map(Result::unwrap).collect::<Vec<_>>(), (1..=3 * MAX_BATCH).collect::<Vec<_>>());
-        let mut sizes = sizes.lock().unwrap().clone();
-        sizes.sort_unstable();
-        assert_eq!(sizes, vec![1, MAX_BATCH, MAX_BATCH, MAX_BATCH], "full batches, never split");
-        assert_eq!(most.load(Ordering::SeqCst), 2, "the two writers wrote at once");
-    }
-
     #[tokio::test]
     async fn a_batch_never_exceeds_the_maximum() {
         let largest = Arc::new(AtomicUsize::new(0));
@@ -306,7 +188,7 @@ mod tests {
     }
 
     /// A writer that records the size of each batch it writes.
-    fn recording(linger: Duration) -> (Batcher<usize, usize>, Sizes) {
+    fn recording(linger: Duration) -> (Batcher<usize, usize>, Arc<std::sync::Mutex<Vec<usize>>>) {
         let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
         let batcher = Batcher::spawn_lingering(1, linger, {
             let sizes = sizes.clone();

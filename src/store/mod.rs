@@ -63,12 +63,9 @@ pub struct StoreSettings {
 // (`startup::Planning::KeyProbes`, sequential scans off) the plan each session caches for
 // them is a few primary-key probes whatever the tables' sizes, never a scan of a table.
 
-/// Writers per kind of batched write: one that takes every batch while it keeps up (while
-/// it writes a batch, the next one grows), and one that writes beside it only when it
-/// leaves a full batch waiting ([`crate::batch`]). At 5 s @ 10,000, where the first wave's
-/// 10,000 answers arrive within 0.3 s, the one writer of outcomes held the second wave
-/// back: 11.64–11.83 s a run with the second writer against 11.96–11.98 s without.
-const WRITERS: usize = 2;
+/// Writers per kind of batched write. One: while it writes a batch, the next one grows.
+/// (Two writers made smaller batches and cost 5-10% of the throughput in the benchmark.)
+const WRITERS: usize = 1;
 
 /// The connections of the batched writes' own pool ([`Store::with_write_pool`]): one for
 /// each writer of claims, outcomes and "published" marks.
