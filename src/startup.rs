@@ -431,10 +431,10 @@ async fn run_session(
     // Any consumer ending (the broker cancelled it) ends the session, as its channel's
     // deliveries would stop.
     let consumer_ended = CancellationToken::new();
-    let mut channels = Vec::with_capacity(consumers.len());
+    let mut consuming = Vec::with_capacity(consumers.len());
     let mut _receiving = Vec::with_capacity(consumers.len());
     for (channel, mut consumer) in consumers {
-        channels.push((channel, consumer.tag()));
+        consuming.push((channel, consumer.tag()));
         let (arrived, ended) = (arrived.clone(), consumer_ended.clone());
         _receiving.push(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
             let _ended = ended.drop_guard();
@@ -503,7 +503,7 @@ async fn run_session(
     // Shutdown: no new deliveries; what was prefetched but not started is returned when
     // the channel closes.
     let cancels = futures_util::future::join_all(
-        channels.iter().map(|(channel, tag)| channel.basic_cancel(tag.clone(), BasicCancelOptions::default())),
+        consuming.iter().map(|(channel, tag)| channel.basic_cancel(tag.clone(), BasicCancelOptions::default())),
     );
     if let Ok(cancelled) = tokio::time::timeout(Duration::from_secs(1), cancels).await
         && let Some(Err(error)) = cancelled.into_iter().find(Result::is_err)
@@ -524,7 +524,7 @@ async fn run_session(
     }
     let close = Duration::from_millis(500);
     let channels_closed =
-        futures_util::future::join_all(channels.iter().map(|(channel, _)| channel.close(200, "shutting down".into())));
+        futures_util::future::join_all(consuming.iter().map(|(channel, _)| channel.close(200, "shutting down".into())));
     let _ = futures_util::future::join3(
         tokio::time::timeout(close, channels_closed),
         tokio::time::timeout(close, consume_connection.close(200, "shutting down".into())),
